@@ -1,0 +1,122 @@
+"""Running statistics: the ``BatchStats`` state and its averaging rules.
+
+Conventions (they differ between frameworks):
+
+* ``momentum`` is the weight of the *old* value, as in flax and Keras:
+  ``new = momentum * old + (1 - momentum) * batch``. torch's ``momentum=p`` weights
+  the *batch*, so torch's default ``0.1`` is our ``0.9``.
+* ``momentum=None`` is torch's cumulative moving average:
+  ``new = old + (batch - old) / (count + 1)``, i.e. the plain mean of all batches so far.
+* ``unbiased_running_var=True`` stores the Bessel-corrected batch variance
+  ``var * n / (n - 1)`` in the running average, as torch does (the batch itself is
+  still normalized with the biased variance, in torch and here).
+* ``count`` is the number of training steps that updated the statistics (torch's
+  ``num_batches_tracked``). A step whose mask selects nothing updates nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jaxnorm.stats import Moments
+
+
+class BatchStats(NamedTuple):
+    """Running statistics of a batch-normalization layer (a pytree).
+
+    ``feature_shape`` is the shape of the kept (feature) axes, e.g. ``(C,)``.
+    """
+
+    mean: jax.Array  # shape=feature_shape, float32: running mean
+    var: jax.Array  # shape=feature_shape, float32: running variance
+    count: jax.Array  # shape=(), int32: training steps that updated mean/var
+
+
+def init_batch_stats(
+    feature_shape: int | Sequence[int], dtype: jnp.dtype = jnp.float32
+) -> BatchStats:
+    """Fresh running statistics: mean zeros, var ones, count 0.
+
+    Args:
+      feature_shape: shape of the feature axes (an int for one axis).
+      dtype: dtype of ``mean`` and ``var`` (float32 by default; keep it at least f32).
+
+    Returns:
+      A :class:`BatchStats`.
+
+    Example:
+      >>> import jaxnorm
+      >>> s = jaxnorm.init_batch_stats((3,))
+      >>> s.mean.tolist(), s.var.tolist(), int(s.count)
+      ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
+    """
+    if isinstance(feature_shape, int):
+        feature_shape = (feature_shape,)
+    shape = tuple(int(s) for s in feature_shape)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"init_batch_stats: dtype must be floating; got {jnp.dtype(dtype)}. Pass "
+            f"dtype=jnp.float32."
+        )
+    return BatchStats(
+        mean=jnp.zeros(shape, dtype),
+        var=jnp.ones(shape, dtype),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def update_batch_stats(
+    stats: BatchStats,
+    batch: Moments,
+    *,
+    momentum: float | None,
+    unbiased_running_var: bool = False,
+) -> BatchStats:
+    """Fold one batch's moments into the running statistics.
+
+    .. math::
+
+        \\text{new} = \\alpha\\,\\text{old} + (1 - \\alpha)\\,\\text{batch},\\qquad
+        \\alpha = \\begin{cases} \\text{momentum} \\\\
+                   \\text{count}/(\\text{count}+1) & \\text{momentum is None}\\end{cases}
+
+    where the batch variance is ``M2/n`` or, with ``unbiased_running_var``,
+    ``M2/(n-1)``. Features whose batch count is 0 keep their old values, and
+    ``count`` only advances if some feature saw data, so an empty mask never
+    writes NaN.
+
+    Args:
+      stats: the running statistics.
+      batch: the batch moments with the reduced axes dropped (shape ``feature_shape``).
+      momentum: weight of the old value in [0, 1], or ``None`` for a cumulative average.
+      unbiased_running_var: store the Bessel-corrected variance (torch's convention).
+
+    Returns:
+      The new :class:`BatchStats` (same dtypes as ``stats``).
+    """
+    n = batch.count
+    has_data = n > 0
+    if unbiased_running_var:
+        batch_var = batch.m2 / jnp.maximum(n - 1.0, 1.0)
+    else:
+        batch_var = batch.var
+    if momentum is None:
+        alpha = stats.count.astype(batch.mean.dtype) / (stats.count.astype(batch.mean.dtype) + 1.0)
+    else:
+        alpha = jnp.asarray(momentum, batch.mean.dtype)
+    old_mean = stats.mean.astype(batch.mean.dtype)
+    old_var = stats.var.astype(batch.mean.dtype)
+    new_mean = alpha * old_mean + (1.0 - alpha) * batch.mean
+    new_var = alpha * old_var + (1.0 - alpha) * batch_var
+    new_mean = jnp.where(has_data, new_mean, old_mean)
+    new_var = jnp.where(has_data, new_var, old_var)
+    stepped = jnp.any(has_data)
+    return BatchStats(
+        mean=jax.lax.stop_gradient(new_mean.astype(stats.mean.dtype)),
+        var=jax.lax.stop_gradient(new_var.astype(stats.var.dtype)),
+        count=stats.count + stepped.astype(stats.count.dtype),
+    )

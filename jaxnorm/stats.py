@@ -1,0 +1,236 @@
+"""Moments as (count, mean, M2): axes, masks, cross-device merges, f32 accumulation.
+
+Every normalization in jaxnorm gets its statistics from :func:`moments` (or
+:func:`mean_square` for RMS-style layers). Statistics are carried as the triple
+``(count, mean, M2)`` with ``M2 = sum((x - mean)**2)``, the form in which partial
+statistics combine *exactly* (Chan et al., 1979):
+
+.. math::
+
+    n = n_a + n_b,\\quad
+    \\mu = \\mu_a + (\\mu_b - \\mu_a)\\,n_b / n,\\quad
+    M_2 = M_{2,a} + M_{2,b} + (\\mu_b - \\mu_a)^2\\,n_a n_b / n.
+
+So masks, uneven device shards and microbatches all give the statistics of the
+concatenated valid elements, and an empty group has ``count == 0`` rather than NaN.
+
+Numerics. Accumulation happens in ``promote(x.dtype, float32)``. Without a mask the
+local statistics are *shifted* single-pass sums: with ``c`` one sample of ``x`` per
+group, ``d = x - c``, ``mean = c + sum(d)/n`` and ``M2 = sum(d**2) - sum(d)**2/n``.
+Because ``(c - mean)**2 <= n * var`` for any sample ``c``, the relative rounding error
+of ``M2`` is bounded by about ``n * eps`` whatever the mean (the naive
+``E[x**2] - E[x]**2`` has no such bound: with mean 1e4 and std 1 in float32 it
+returns garbage). With a mask the masked-out values may be arbitrary padding, so a
+sample is not a safe shift; there the statistics are exact two-pass sums.
+The shift is wrapped in ``stop_gradient``; this is exact, since both ``mean`` and
+``M2`` are invariant to ``c``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+AxisName = Hashable | tuple[Hashable, ...]
+
+
+class Moments(NamedTuple):
+    """Partial statistics of a group of values, in the form that merges exactly.
+
+    All fields share one shape: the input's shape with the reduced axes kept as
+    size 1 (so they broadcast against the input), or with them dropped.
+    """
+
+    count: jax.Array  # shape=group shape, float32 (>= stat dtype): number of valid elements
+    mean: jax.Array  # shape=group shape, float32: mean of the valid elements (0 if none)
+    m2: jax.Array  # shape=group shape, float32: sum of squared deviations from ``mean``
+
+    @property
+    def var(self) -> jax.Array:
+        """Biased (population) variance ``M2 / count``; 0 where ``count == 0``."""
+        return self.m2 / jnp.maximum(self.count, 1.0)
+
+
+def stat_dtype(dtype: Any) -> jnp.dtype:
+    """The accumulation dtype for an input dtype: at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _safe_div(a: jax.Array, n: jax.Array) -> jax.Array:
+    return a / jnp.maximum(n, 1.0)
+
+
+def moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    keepdims: bool = True,
+) -> Moments:
+    """Count, mean and M2 of ``x`` over ``axes`` (and over devices), in >= float32.
+
+    .. math::
+
+        n = \\sum_i m_i,\\quad \\mu = \\frac{1}{n}\\sum_i m_i x_i,\\quad
+        M_2 = \\sum_i m_i (x_i - \\mu)^2
+
+    with ``m`` the mask (all ones when ``mask is None``), the sums running over
+    ``axes`` and, when ``axis_name`` is given, over every device (or vmapped index)
+    of that named axis.
+
+    Args:
+      x: floating input of any shape.
+      axes: canonical (non-negative, sorted, unique) axes to reduce.
+      mask: optional boolean array broadcastable to ``x``; ``False`` elements are
+        ignored, whatever value (even NaN) they hold.
+      axis_name: optional named axis (or tuple of names) of ``shard_map``/``pmap``/
+        ``vmap`` to reduce across. Per-device ``(count, mean, M2)`` are merged exactly,
+        so uneven shards and masks give the global statistics.
+      axis_index_groups: optional device groups for the cross-device reduction, as in
+        ``lax.psum``.
+      keepdims: keep the reduced axes as size 1 (default) or drop them.
+
+    Returns:
+      A :class:`Moments` in ``promote(x.dtype, float32)``.
+    """
+    sd = stat_dtype(x.dtype)
+    xs = x.astype(sd)
+    if mask is None:
+        n_local = 1
+        for a in axes:
+            n_local *= x.shape[a]
+        kept = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
+        count = jnp.full(kept, float(n_local), sd)
+        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
+        shift = lax.stop_gradient(xs[first])
+        d = xs - shift
+        s1 = jnp.sum(d, axis=axes, keepdims=True)
+        s2 = jnp.sum(d * d, axis=axes, keepdims=True)
+        mean_d = s1 / n_local
+        mean = shift + mean_d
+        m2 = jnp.maximum(s2 - s1 * mean_d, 0.0)
+    else:
+        m = jnp.broadcast_to(mask, x.shape)
+        count = jnp.sum(m, axis=axes, keepdims=True, dtype=sd)
+        mean = _safe_div(jnp.sum(jnp.where(m, xs, 0.0), axis=axes, keepdims=True), count)
+        dev = jnp.where(m, xs - mean, 0.0)
+        m2 = jnp.sum(dev * dev, axis=axes, keepdims=True)
+    result = Moments(count, mean, m2)
+    if axis_name is not None:
+        result = psum_moments(result, axis_name, axis_index_groups=axis_index_groups)
+    if not keepdims:
+        result = Moments(*(jnp.squeeze(f, axis=axes) for f in result))
+    return result
+
+
+def psum_moments(
+    m: Moments,
+    axis_name: AxisName,
+    *,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Moments:
+    """Merge per-device moments into the global ones (exact Chan merge).
+
+    .. math::
+
+        N = \\sum_d n_d,\\quad \\mu = \\frac{1}{N}\\sum_d n_d\\mu_d,\\quad
+        M_2 = \\sum_d \\left(M_{2,d} + n_d(\\mu_d - \\mu)^2\\right)
+
+    Two all-reduces; devices with ``n_d == 0`` contribute nothing.
+
+    Args:
+      m: this device's moments.
+      axis_name: the named axis (or tuple of names) to reduce over.
+      axis_index_groups: optional device groups, as in ``lax.psum``.
+
+    Returns:
+      The merged :class:`Moments`, identical on every device of a group.
+    """
+    count, weighted = lax.psum(
+        (m.count, m.count * m.mean), axis_name, axis_index_groups=axis_index_groups
+    )
+    mean = _safe_div(weighted, count)
+    m2 = lax.psum(
+        m.m2 + m.count * jnp.square(m.mean - mean),
+        axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    return Moments(count, mean, m2)
+
+
+def merge_moments(a: Moments, b: Moments) -> Moments:
+    """Merge the moments of two disjoint groups (Chan et al.'s pairwise update).
+
+    .. math::
+
+        \\delta = \\mu_b - \\mu_a,\\quad n = n_a + n_b,\\quad
+        \\mu = \\mu_a + \\delta\\,n_b/n,\\quad M_2 = M_{2,a} + M_{2,b} + \\delta^2 n_a n_b/n
+
+    Either side may be empty (``count == 0``); the result is then the other side.
+
+    Args:
+      a: moments of the first group.
+      b: moments of the second group, same shape as ``a``.
+
+    Returns:
+      The moments of the union.
+
+    References:
+      Chan, Golub, LeVeque (1979), "Updating formulae and a pairwise algorithm for
+      computing sample variances".
+    """
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    frac_b = _safe_div(b.count, n)
+    mean = a.mean + delta * frac_b
+    m2 = a.m2 + b.m2 + jnp.square(delta) * a.count * frac_b
+    return Moments(n, mean, m2)
+
+
+def mean_square(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    mask: jax.Array | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Count and mean of ``x**2`` over ``axes`` (uncentered second moment), in >= f32.
+
+    .. math::
+
+        n = \\sum_i m_i,\\quad \\nu = \\frac{1}{n}\\sum_i m_i x_i^2
+
+    Args:
+      x: floating input.
+      axes: canonical axes to reduce (kept as size 1).
+      mask: optional boolean array broadcastable to ``x``.
+      axis_name: optional named axis to reduce across devices.
+      axis_index_groups: optional device groups, as in ``lax.psum``.
+
+    Returns:
+      ``(count, nu)``, both with the reduced axes kept as size 1; ``nu`` is 0 where
+      ``count == 0``.
+    """
+    sd = stat_dtype(x.dtype)
+    xs = x.astype(sd)
+    if mask is None:
+        n_local = 1
+        for a in axes:
+            n_local *= x.shape[a]
+        kept = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
+        count = jnp.full(kept, float(n_local), sd)
+        total = jnp.sum(xs * xs, axis=axes, keepdims=True)
+    else:
+        m = jnp.broadcast_to(mask, x.shape)
+        count = jnp.sum(m, axis=axes, keepdims=True, dtype=sd)
+        total = jnp.sum(jnp.where(m, xs * xs, 0.0), axis=axes, keepdims=True)
+    if axis_name is not None:
+        count, total = lax.psum((count, total), axis_name, axis_index_groups=axis_index_groups)
+    return count, _safe_div(total, count)
