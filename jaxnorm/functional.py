@@ -17,6 +17,7 @@ Axis conventions:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,112 @@ def _normalize(
     if bias is not None:
         y = y + bias.astype(sd)
     return y.astype(out_dtype)
+
+
+def _can_fuse(mask: Any, axis_name: Any, epsilon: Any) -> bool:
+    """The fused path covers the common case: no mask, one device, a static epsilon."""
+    return mask is None and axis_name is None and not isinstance(epsilon, jax.core.Tracer)
+
+
+def _reduced_mean(a: jax.Array, axes: tuple[int, ...], n: int) -> jax.Array:
+    return jnp.sum(a, axis=axes, keepdims=True) / n
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+def _fused_standardize(
+    x: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    reduce_axes: tuple[int, ...],
+    feature_axes: tuple[int, ...],
+    epsilon: float,
+    center: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Unmasked, single-device normalization with a closed-form derivative.
+
+    Returns ``(y, mean, var)`` in the statistics dtype: ``y`` not yet cast,
+    ``mean``/``var`` with the reduced axes kept (for RMS, ``mean`` is 0 and ``var`` is
+    the mean square). Same numbers as :func:`_normalize` over :func:`moments`; only
+    the derivative rule differs (see :func:`_fused_standardize_jvp`).
+    """
+    (y, mean, var), _ = _fused_primal(x, scale, bias, reduce_axes, feature_axes, epsilon, center)
+    return y, mean, var
+
+
+def _fused_primal(x, scale, bias, reduce_axes, feature_axes, epsilon, center):
+    """Statistics and output; returns ``((y, mean, var), (xs, mean, rstd, scale_b))``."""
+    sd = stat_dtype(x.dtype)
+    xs = x.astype(sd)
+    if center:
+        m = moments(x, reduce_axes)
+        mean, var = m.mean, m.var
+    else:
+        _, var = mean_square(x, reduce_axes)
+        mean = jnp.zeros_like(var)
+    rstd = lax.rsqrt(var + epsilon)
+    scale_b = _broadcast_param(scale, x.ndim, feature_axes, x.shape)
+    bias_b = _broadcast_param(bias, x.ndim, feature_axes, x.shape)
+    y = _normalize(x, mean if center else None, var, scale_b, bias_b, epsilon=epsilon, out_dtype=sd)
+    return (y, mean, var), (xs, mean, rstd, scale_b)
+
+
+@_fused_standardize.defjvp
+def _fused_standardize_jvp(reduce_axes, feature_axes, epsilon, center, primals, tangents):
+    r"""The closed-form linearization of normalization; its transpose is the fast backward.
+
+    With ``r = (var + eps)**-1/2``, group means ``m1 = mean(dx)`` and
+    ``m2 = mean((x - mu) * dx)`` over the reduced axes:
+
+    .. math::
+
+        \dot y = \gamma\,[\,r\,\dot x + (x - \mu)\,P + Q\,] + (x - \mu)\,r\,\dot\gamma
+        + \dot\beta,\quad P = -r^3 m_2,\quad Q = -r\,m_1,
+        \quad \dot\mu = m_1,\quad \dot{var} = 2\,m_2
+
+    (RMS: ``mu = 0`` and ``Q = 0``.) Everything full-size is written in terms of the
+    input ``x`` and small per-group or per-feature arrays, never a saved ``x_hat``: so the
+    reverse pass that JAX derives by transposing this needs only reductions of ``dy`` and
+    ``(x - mu) * dy`` and one elementwise pass for ``dx``, which XLA fuses without
+    materializing intermediates (autodiff through the statistics writes several).
+    """
+    x, scale, bias = primals
+    dx, dscale, dbias = tangents
+    (y, mean, var), (xs, mean, rstd, scale_b) = _fused_primal(
+        x, scale, bias, reduce_axes, feature_axes, epsilon, center
+    )
+    sd = y.dtype
+    n = 1
+    for a in reduce_axes:
+        n *= x.shape[a]
+    dxs = dx.astype(sd)
+    xc = xs - mean if center else xs
+    m2 = jnp.sum(xc * dxs, axis=reduce_axes, keepdims=True) / n
+    m1 = jnp.sum(dxs, axis=reduce_axes, keepdims=True) / n if center else jnp.zeros_like(mean)
+    p_coef = -(rstd**3) * m2  # coefficient of (x - mu), per group
+    q_coef = -rstd * m1  # constant term, per group
+    s_b = None if scale_b is None else scale_b.astype(sd)
+    ds_b = None if scale is None else _broadcast_param(dscale, x.ndim, feature_axes, x.shape)
+    db_b = None if bias is None else _broadcast_param(dbias, x.ndim, feature_axes, x.shape)
+    if set(feature_axes).isdisjoint(reduce_axes):
+        # Batch norm: features are the groups, so gamma, P, Q and d_gamma are all
+        # per-group and the whole tangent is a*dx + (x - mu)*b + c with small a, b, c;
+        # its transpose needs just sum(dy) and sum((x - mu) * dy).
+        a = rstd if s_b is None else s_b * rstd
+        b = p_coef if s_b is None else s_b * p_coef
+        c = q_coef if s_b is None else s_b * q_coef
+        if ds_b is not None:
+            b = b + rstd * ds_b.astype(sd)
+        if db_b is not None:
+            c = c + db_b.astype(sd)
+        dy = a * dxs + xc * b + c
+    else:
+        inner = rstd * dxs + xc * p_coef + q_coef
+        dy = inner if s_b is None else s_b * inner
+        if ds_b is not None:
+            dy = dy + xc * (rstd * ds_b.astype(sd))
+        if db_b is not None:
+            dy = dy + db_b.astype(sd)
+    return (y, mean, var), (dy, m1, 2.0 * m2)
 
 
 def batch_norm(
@@ -194,15 +301,22 @@ def batch_norm(
             f"training'). Use a batch larger than 1, training=False for inference, or "
             f"axis_name=... if the batch is split across devices."
         )
-    batch = moments(
-        x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
-    )
-    mean, var = batch.mean, batch.var
-    if mask is not None:
-        has_data = batch.count > 0
-        mean = jnp.where(has_data, mean, lax.stop_gradient(running_mean))
-        var = jnp.where(has_data, var, lax.stop_gradient(running_var))
-    y = _normalize(x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype)
+    if _can_fuse(mask, axis_name, epsilon):
+        y, mean, var = _fused_standardize(
+            x, scale, bias, reduce_axes, feature_axes, float(epsilon), True
+        )
+        y = y.astype(out_dtype)
+        batch = Moments(jnp.full_like(var, float(n)), mean, var * n)
+    else:
+        batch = moments(
+            x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
+        )
+        mean, var = batch.mean, batch.var
+        if mask is not None:
+            has_data = batch.count > 0
+            mean = jnp.where(has_data, mean, lax.stop_gradient(running_mean))
+            var = jnp.where(has_data, var, lax.stop_gradient(running_var))
+        y = _normalize(x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype)
     batch_flat = Moments(*(jnp.reshape(lax.stop_gradient(f), feature_shape) for f in batch))
     new_stats = update_batch_stats(
         stats, batch_flat, momentum=momentum, unbiased_running_var=unbiased_running_var
@@ -234,6 +348,11 @@ def _standardize(
     _checks.check_epsilon(fn, epsilon)
     _checks.check_mask(fn, mask, x.shape)
     out_dtype = _out_dtype(fn, x, dtype)
+    if _can_fuse(mask, axis_name, epsilon):
+        y, _, _ = _fused_standardize(
+            x, scale, bias, reduce_axes, feature_axes, float(epsilon), center
+        )
+        return y.astype(out_dtype)
     scale_b = _broadcast_param(scale, x.ndim, feature_axes, x.shape)
     bias_b = _broadcast_param(bias, x.ndim, feature_axes, x.shape)
     if center:

@@ -14,16 +14,24 @@ statistics combine *exactly* (Chan et al., 1979):
 So masks, uneven device shards and microbatches all give the statistics of the
 concatenated valid elements, and an empty group has ``count == 0`` rather than NaN.
 
-Numerics. Accumulation happens in ``promote(x.dtype, float32)``. Without a mask the
-local statistics are *shifted* single-pass sums: with ``c`` one sample of ``x`` per
-group, ``d = x - c``, ``mean = c + sum(d)/n`` and ``M2 = sum(d**2) - sum(d)**2/n``.
-Because ``(c - mean)**2 <= n * var`` for any sample ``c``, the relative rounding error
-of ``M2`` is bounded by about ``n * eps`` whatever the mean (the naive
-``E[x**2] - E[x]**2`` has no such bound: with mean 1e4 and std 1 in float32 it
-returns garbage). With a mask the masked-out values may be arbitrary padding, so a
-sample is not a safe shift; there the statistics are exact two-pass sums.
-The shift is wrapped in ``stop_gradient``; this is exact, since both ``mean`` and
-``M2`` are invariant to ``c``.
+Numerics. Accumulation happens in ``promote(x.dtype, float32)``, by one of two methods
+that both survive large means (the naive ``E[x**2] - E[x]**2``, flax's default, returns
+garbage for float32 rows with mean 1e4 and std 1):
+
+* Reducing the trailing axes (layer norm's rows) or under a mask: exact two-pass sums,
+  ``mean = sum(x)/n`` then ``M2 = sum((x - mean)**2)``. XLA fuses a row's two passes
+  into one loop over a cached row, so this costs no extra memory traffic; under a mask
+  the masked-out values may be arbitrary padding and never enter any sum.
+* Reducing leading axes (batch norm): *shifted* single-pass sums, one read of ``x``
+  for both moments. With shifts ``a`` and ``b`` (the means of each group's first 8 and
+  first 4 elements), ``mean = a + sum(x - a)/n`` and
+  ``M2 = sum((x - b)**2) - n*(mean - b)**2``. Since ``(c - mean)**2 <= n*var`` for any
+  sample mean ``c`` of the group, the relative error of ``M2`` is at most about
+  ``n * eps`` whatever the mean, and far smaller when the first elements are typical.
+  (Two shifts rather than one keep XLA from materializing a shared ``x - shift``.)
+
+The shifts are wrapped in ``stop_gradient``; this is exact, since ``mean`` and ``M2``
+are invariant to them.
 """
 
 from __future__ import annotations
@@ -62,6 +70,23 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 
 def _safe_div(a: jax.Array, n: jax.Array) -> jax.Array:
     return a / jnp.maximum(n, 1.0)
+
+
+_SHIFT_SAMPLES = 8
+
+
+def _sample_shift(xs: jax.Array, axes: tuple[int, ...], k: int) -> jax.Array:
+    """A per-group shift near the mean: the mean of the group's first ``k`` elements.
+
+    The elements are taken along the first reduced axis (index 0 along the other reduced
+    axes), so ``(c - mean)**2 <= n * var`` holds for the bound in the module docstring.
+    """
+    k = max(1, min(k, xs.shape[axes[0]]))
+    index = tuple(
+        slice(0, k) if a == axes[0] else slice(0, 1) if a in axes else slice(None)
+        for a in range(xs.ndim)
+    )
+    return lax.stop_gradient(jnp.mean(xs[index], axis=axes[0], keepdims=True))
 
 
 def moments(
@@ -103,18 +128,14 @@ def moments(
     xs = x.astype(sd)
     if mask is None:
         n_local = 1
-        for a in axes:
-            n_local *= x.shape[a]
-        kept = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
+        for ax in axes:
+            n_local *= x.shape[ax]
+        kept = tuple(1 if ax in axes else size for ax, size in enumerate(x.shape))
         count = jnp.full(kept, float(n_local), sd)
-        first = tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))
-        shift = lax.stop_gradient(xs[first])
-        d = xs - shift
-        s1 = jnp.sum(d, axis=axes, keepdims=True)
-        s2 = jnp.sum(d * d, axis=axes, keepdims=True)
-        mean_d = s1 / n_local
-        mean = shift + mean_d
-        m2 = jnp.maximum(s2 - s1 * mean_d, 0.0)
+        if axes == tuple(range(x.ndim - len(axes), x.ndim)):
+            mean, m2 = _two_pass(xs, axes, n_local)
+        else:
+            mean, m2 = _shifted_single_pass(xs, axes, n_local)
     else:
         m = jnp.broadcast_to(mask, x.shape)
         count = jnp.sum(m, axis=axes, keepdims=True, dtype=sd)
@@ -127,6 +148,26 @@ def moments(
     if not keepdims:
         result = Moments(*(jnp.squeeze(f, axis=axes) for f in result))
     return result
+
+
+def _two_pass(xs: jax.Array, axes: tuple[int, ...], n: int) -> tuple[jax.Array, jax.Array]:
+    """Exact mean and M2 for trailing axes, where XLA keeps each row in cache."""
+    mean = jnp.sum(xs, axis=axes, keepdims=True) / n
+    return mean, jnp.sum(jnp.square(xs - mean), axis=axes, keepdims=True)
+
+
+def _shifted_single_pass(
+    xs: jax.Array, axes: tuple[int, ...], n: int
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and M2 in one read of ``xs`` (see the module docstring for the error bound)."""
+    # Two shifts, so each reduction broadcasts its own small array: XLA fuses a
+    # single-use broadcast into the reduction but materializes a shared ``x - shift``.
+    shift_a = _sample_shift(xs, axes, _SHIFT_SAMPLES)
+    shift_b = _sample_shift(xs, axes, _SHIFT_SAMPLES // 2)
+    mean_a = jnp.sum(xs - shift_a, axis=axes, keepdims=True) / n
+    s2 = jnp.sum(jnp.square(xs - shift_b), axis=axes, keepdims=True)
+    mean_b = (shift_a - shift_b) + mean_a  # mean - b, not rounded through the mean
+    return shift_a + mean_a, jnp.maximum(s2 - n * jnp.square(mean_b), 0.0)
 
 
 def psum_moments(

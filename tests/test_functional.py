@@ -374,3 +374,74 @@ def test_scan_and_checkpoint():
         )
     )(xs)
     np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- fast path
+# Without a mask, on one device, the norms take a fused path with a closed-form derivative
+# rule. An all-True mask takes the reference path (two-pass moments, plain autodiff): the
+# two must agree in value, gradient (reverse and forward mode) and second derivatives.
+
+ALL = jnp.ones((), bool)
+
+
+def _bn_outputs(out):
+    y, stats = out
+    return y, stats.mean, stats.var  # the differentiable outputs (count is an int)
+
+
+FAST_VS_REFERENCE = {
+    "ln": lambda x, s, b, m: jaxnorm.layer_norm(x, s, b, mask=m),
+    "ln_two_axes_feature_last": lambda x, s, b, m: jaxnorm.layer_norm(
+        x, s, b, axis=(1, 2), feature_axis=2, mask=m
+    ),
+    "rms": lambda x, s, b, m: jaxnorm.rms_norm(x, s, mask=m) + b,
+    "bn": lambda x, s, b, m: _bn_outputs(
+        jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(x.shape[-1]), s, b, training=True, mask=m)
+    ),
+    "bn_no_affine": lambda x, s, b, m: (
+        jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(x.shape[-1]), training=True, mask=m)[0] * s
+    ),
+    "instance": lambda x, s, b, m: jaxnorm.instance_norm(x, s, b, mask=m),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAST_VS_REFERENCE))
+def test_fast_path_equals_reference_path(name):
+    f = FAST_VS_REFERENCE[name]
+    rng = np.random.default_rng(20)
+    x = jnp.asarray(rng.normal(3.0, 2.0, (4, 5, 6)).astype(np.float32))
+    s = jnp.asarray(rng.normal(1.0, 0.3, 6).astype(np.float32))
+    b = jnp.asarray(rng.normal(0.0, 0.3, 6).astype(np.float32))
+    fast = functools.partial(f, m=None)
+    ref = functools.partial(f, m=ALL)
+    chex.assert_trees_all_close(fast(x, s, b), ref(x, s, b), atol=1e-5, rtol=1e-5)
+
+    def loss(g):
+        return lambda x, s, b: jnp.sum(jnp.sin(jax.tree_util.tree_leaves(g(x, s, b))[0]))
+
+    chex.assert_trees_all_close(
+        jax.grad(loss(fast), (0, 1, 2))(x, s, b),
+        jax.grad(loss(ref), (0, 1, 2))(x, s, b),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    t = jax.tree_util.tree_map(jnp.ones_like, (x, s, b))
+    chex.assert_trees_all_close(
+        jax.jvp(fast, (x, s, b), t)[1], jax.jvp(ref, (x, s, b), t)[1], atol=1e-4, rtol=1e-4
+    )
+    hvp_fast = jax.jvp(jax.grad(loss(fast)), (x, s, b), t)[1]
+    hvp_ref = jax.jvp(jax.grad(loss(ref)), (x, s, b), t)[1]
+    chex.assert_trees_all_close(hvp_fast, hvp_ref, atol=1e-3, rtol=1e-3)
+
+
+def test_fast_path_bfloat16_gradients_match_f32_reference():
+    x = jax.random.normal(jax.random.key(21), (16, 32)) * 2 + 1
+    s = jnp.linspace(0.5, 1.5, 32)
+    g_bf16 = jax.grad(lambda x: jnp.sum(jaxnorm.layer_norm(x, s).astype(jnp.float32) ** 2))(
+        x.astype(jnp.bfloat16)
+    )
+    g_ref = jax.grad(lambda x: jnp.sum(jaxnorm.layer_norm(x, s, mask=ALL) ** 2))(
+        x.astype(jnp.bfloat16).astype(jnp.float32)
+    )
+    assert g_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g_bf16, np.float32), np.asarray(g_ref), atol=0.05)
