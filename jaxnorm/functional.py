@@ -200,6 +200,7 @@ def batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     unbiased_running_var: bool = False,
+    skip_nonfinite: bool = False,
     dtype: Any = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Batch normalization with explicit running statistics.
@@ -241,6 +242,10 @@ def batch_norm(
         leaves unchanged; a batch with none at all leaves ``stats`` untouched.
       unbiased_running_var: store the Bessel-corrected batch variance in the running
         average (torch's convention).
+      skip_nonfinite: keep the running statistics of a feature whose batch statistics
+        are NaN/Inf unchanged. NaN/Inf in ``x`` always propagate to ``y`` (they are never
+        hidden); by default they also reach the running statistics, as in torch and
+        flax, which poisons them for good: turn this on to guard long runs.
       dtype: output dtype; ``None`` keeps ``x.dtype``. Statistics are >= float32.
 
     Returns:
@@ -259,8 +264,8 @@ def batch_norm(
       >>> x = jnp.arange(12.0).reshape(4, 3)
       >>> stats = jaxnorm.init_batch_stats((3,))
       >>> y, stats = jaxnorm.batch_norm(x, stats, training=True, momentum=0.9)
-      >>> [round(float(v), 3) for v in y.mean(0)], stats.mean.tolist()
-      ([0.0, 0.0, 0.0], [0.45000001788139343, 0.550000011920929, 0.6500000357627869])
+      >>> [round(float(v), 3) for v in y.mean(0)], [round(float(v), 4) for v in stats.mean]
+      ([0.0, 0.0, 0.0], [0.45, 0.55, 0.65])
 
     References:
       Ioffe & Szegedy (2015), "Batch Normalization: Accelerating Deep Network Training
@@ -319,7 +324,11 @@ def batch_norm(
         y = _normalize(x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype)
     batch_flat = Moments(*(jnp.reshape(lax.stop_gradient(f), feature_shape) for f in batch))
     new_stats = update_batch_stats(
-        stats, batch_flat, momentum=momentum, unbiased_running_var=unbiased_running_var
+        stats,
+        batch_flat,
+        momentum=momentum,
+        unbiased_running_var=unbiased_running_var,
+        skip_nonfinite=skip_nonfinite,
     )
     return y, new_stats
 
@@ -520,10 +529,12 @@ def instance_norm(
     scale: jax.Array | None = None,
     bias: jax.Array | None = None,
     *,
-    axis: int = -1,
+    axis: Axes = -1,
     epsilon: float = 1e-6,
     mask: jax.Array | None = None,
     dtype: Any = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> jax.Array:
     """Instance normalization: standardize each (sample, channel) over the other axes.
 
@@ -538,12 +549,14 @@ def instance_norm(
 
     Args:
       x: floating input of rank >= 3, batch first.
-      scale: optional per-channel ``gamma`` of shape ``(C,)``.
-      bias: optional per-channel ``beta`` of shape ``(C,)``.
-      axis: the channel axis (flax: -1, torch: 1).
+      scale: optional per-channel ``gamma`` with the shape of ``x`` at ``axis``.
+      bias: optional per-channel ``beta``, same shape.
+      axis: the channel axis or axes (flax: -1, torch: 1); kept, like axis 0.
       epsilon: added to the variance, >= 0.
       mask: optional boolean array broadcastable to ``x``.
       dtype: output dtype; ``None`` keeps ``x.dtype``.
+      axis_name: optional named axis to also reduce across (e.g. spatially sharded x).
+      axis_index_groups: device groups for ``axis_name``.
 
     Returns:
       An array of ``x``'s shape.
@@ -554,28 +567,28 @@ def instance_norm(
     """
     fn = "instance_norm"
     _checks.check_floating(fn, x)
-    (channel,) = _checks.canonical_axes(fn, "axis", (axis,), jnp.ndim(x))
-    if x.ndim < 3 or channel == 0:
+    channels = _checks.canonical_axes(fn, "axis", axis, jnp.ndim(x))
+    reduce_axes = tuple(a for a in range(1, x.ndim) if a not in channels)
+    if 0 in channels or not reduce_axes:
         raise ValueError(
             f"{fn}: x must have rank >= 3 (a batch axis 0, a channel axis and at least one "
             f"other axis to reduce); got shape {tuple(x.shape)} with channel axis={axis!r}. "
             f"For (N, C) input use layer_norm or batch_norm instead."
         )
-    reduce_axes = tuple(a for a in range(1, x.ndim) if a != channel)
     return _standardize(
         fn,
         x,
         scale,
         bias,
         reduce_axes=reduce_axes,
-        feature_axes=(channel,),
+        feature_axes=channels,
         epsilon=epsilon,
         mask=mask,
         dtype=dtype,
-        axis_name=None,
-        axis_index_groups=None,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
         center=True,
-        desc=f"the channel axis {axis!r} of x {tuple(x.shape)}",
+        desc=f"the channel axes axis={axis!r} of x {tuple(x.shape)}",
     )
 
 

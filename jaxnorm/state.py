@@ -75,6 +75,7 @@ def update_batch_stats(
     *,
     momentum: float | None,
     unbiased_running_var: bool = False,
+    skip_nonfinite: bool = False,
 ) -> BatchStats:
     """Fold one batch's moments into the running statistics.
 
@@ -94,12 +95,18 @@ def update_batch_stats(
       batch: the batch moments with the reduced axes dropped (shape ``feature_shape``).
       momentum: weight of the old value in [0, 1], or ``None`` for a cumulative average.
       unbiased_running_var: store the Bessel-corrected variance (torch's convention).
+      skip_nonfinite: treat a feature whose batch mean or variance is NaN/Inf like an
+        empty one: its running statistics stay as they were (and ``count`` does not
+        advance if no feature updated). Off by default, as in torch and flax, where a
+        non-finite batch poisons the running statistics.
 
     Returns:
       The new :class:`BatchStats` (same dtypes as ``stats``).
     """
     n = batch.count
     has_data = n > 0
+    if skip_nonfinite:
+        has_data = has_data & jnp.isfinite(batch.mean) & jnp.isfinite(batch.m2)
     if unbiased_running_var:
         batch_var = batch.m2 / jnp.maximum(n - 1.0, 1.0)
     else:

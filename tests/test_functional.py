@@ -445,3 +445,36 @@ def test_fast_path_bfloat16_gradients_match_f32_reference():
     )
     assert g_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(g_bf16, np.float32), np.asarray(g_ref), atol=0.05)
+
+
+# ----------------------------------------------------------------------------- non-finite input
+
+
+def test_nonfinite_batch_poisons_stats_by_default_and_skip_nonfinite_guards_them():
+    x = np.random.default_rng(30).normal(size=(8, 3)).astype(np.float32)
+    x[2, 1] = np.nan
+    x[5, 2] = np.inf
+    stats = jaxnorm.init_batch_stats(3)
+    y, poisoned = jaxnorm.batch_norm(jnp.asarray(x), stats, training=True)
+    # NaN/Inf propagate to the output of their feature; they are never hidden.
+    assert np.isnan(np.asarray(y)[:, 1]).all() and np.isfinite(np.asarray(y)[:, 0]).all()
+    assert not np.isfinite(np.asarray(poisoned.var)[1:]).any()  # as torch and flax do
+    y2, guarded = jaxnorm.batch_norm(jnp.asarray(x), stats, training=True, skip_nonfinite=True)
+    np.testing.assert_array_equal(np.asarray(y2), np.asarray(y))
+    np.testing.assert_allclose(
+        np.asarray(guarded.mean), [0.01 * x[:, 0].mean(), 0.0, 0.0], rtol=1e-5, atol=1e-7
+    )
+    np.testing.assert_allclose(np.asarray(guarded.var)[1:], 1.0)
+    assert int(guarded.count) == 1  # feature 0 still updated
+    _, untouched = jaxnorm.batch_norm(
+        jnp.full((4, 3), jnp.nan), stats, training=True, skip_nonfinite=True
+    )
+    chex.assert_trees_all_equal(untouched, stats)
+
+
+def test_instance_norm_several_channel_axes_equals_layer_norm_over_the_rest():
+    x = jax.random.normal(jax.random.key(31), (2, 3, 4, 5)) * 2 + 1
+    s = jnp.linspace(0.5, 1.5, 15).reshape(3, 5)
+    y = jaxnorm.instance_norm(x, s, axis=(1, 3))
+    ref, _, _ = np_standardize(np.asarray(x), (2,), eps=1e-6)
+    np.testing.assert_allclose(np.asarray(y), ref * np.asarray(s)[None, :, None, :], **TOL)
