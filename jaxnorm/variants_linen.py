@@ -1,0 +1,587 @@
+"""Flax linen layers for the batch-norm variants of :mod:`jaxnorm.variants`.
+
+Thin, like :mod:`jaxnorm.linen`: each module canonicalizes its axes, creates or
+fetches its variables and calls one function of :mod:`jaxnorm.variants`, where every
+number comes from. The variable trees follow ``jaxnorm.linen.BatchNorm`` (and flax's):
+``params/{scale, bias}`` of the feature shape and float32 ``batch_stats/{...}``.
+
+* :class:`BatchRenorm` — :func:`jaxnorm.variants.batch_renorm`; ``batch_stats/{mean,
+  var, count}`` (``count`` drives the optional warm-up schedule).
+* :class:`PowerNorm` — :func:`jaxnorm.variants.power_norm`; ``batch_stats/{mean_square,
+  grad_stat, count}``. ``grad_stat`` is updated from the *gradient* with respect to
+  ``batch_stats``: see :func:`update_grad_stats`.
+* :class:`GhostBatchNorm` — :func:`jaxnorm.variants.ghost_batch_norm`; the variables
+  of ``BatchNorm`` (``batch_stats/{mean, var}``), so checkpoints move between the two.
+* :class:`FrozenBatchNorm` — :func:`jaxnorm.variants.frozen_batch_norm`; the variables
+  of ``BatchNorm``, never updated, no ``mutable`` needed.
+
+As in ``jaxnorm.linen.BatchNorm``: ``use_running_average`` is a field or a call
+argument (exactly one), ``init`` does not update the statistics, training without
+``mutable=['batch_stats']`` and evaluating without ``batch_stats`` raise errors that
+say what to pass, and the core's errors are prefixed with the module's path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.typing import Dtype, Initializer
+from jax.nn import initializers
+
+from jaxnorm import _checks
+from jaxnorm.state import BatchStats, init_batch_stats
+from jaxnorm.variants import (
+    PowerNormStats,
+    batch_renorm,
+    frozen_batch_norm,
+    ghost_batch_norm,
+    init_power_norm_stats,
+    power_norm,
+    renorm_schedule,
+    update_power_norm_grad_stat,
+)
+
+__all__ = ["BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "PowerNorm", "update_grad_stats"]
+
+Axes = int | Sequence[int]
+
+
+def _where(module: nn.Module) -> str:
+    path = "/" + "/".join(str(p) for p in module.scope.path)
+    return f"jaxnorm.variants_linen.{type(module).__name__} at {path!r}"
+
+
+@contextmanager
+def _errors_at(module: nn.Module) -> Iterator[None]:
+    """Prefix the core's ``ValueError``/``TypeError`` messages with the module's path."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if e.args and isinstance(e.args[0], str):
+            e.args = (f"{_where(module)}: {e.args[0]}",)
+        raise
+
+
+def _feature_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
+    with _errors_at(module):
+        axes = _checks.canonical_axes(type(module).__name__, "axis", module.axis, jnp.ndim(x))
+    return tuple(x.shape[a] for a in axes)
+
+
+def _scale_and_bias(module: nn.Module, feature_shape: tuple[int, ...]):
+    """``params/scale`` and ``params/bias`` (fetched without flax's shape check, so that
+    a misfit gets the core's message)."""
+
+    def fetch(name: str, init: Initializer) -> jax.Array:
+        if module.has_variable("params", name):
+            return nn.meta.unbox(module.get_variable("params", name))
+        return module.param(name, init, feature_shape, module.param_dtype)
+
+    scale = fetch("scale", module.scale_init) if module.use_scale else None
+    bias = fetch("bias", module.bias_init) if module.use_bias else None
+    return scale, bias
+
+
+def _mode(module: nn.Module, use_running_average: bool | None, stat: str) -> tuple[bool, bool]:
+    """``(training, initializing)``, refusing a training call that cannot store its update
+    and an evaluation call without statistics (as ``jaxnorm.linen.BatchNorm``)."""
+    use_running_average = nn.merge_param(
+        "use_running_average", module.use_running_average, use_running_average
+    )
+    training = not use_running_average
+    initializing = module.is_initializing()
+    mutable = module.is_mutable_collection("batch_stats")
+    if training and not initializing and not mutable:
+        raise ValueError(
+            f"{_where(module)}: training (use_running_average=False) updates the running "
+            f"statistics, but the 'batch_stats' collection is immutable. Pass "
+            f"mutable=['batch_stats'] to apply and keep the returned updates: y, updates = "
+            f"model.apply(variables, x, mutable=['batch_stats']). To evaluate instead, pass "
+            f"use_running_average=True."
+        )
+    if not training and not mutable and not module.has_variable("batch_stats", stat):
+        raise ValueError(
+            f"{_where(module)}: evaluation (use_running_average=True) needs running "
+            f"statistics, but the variables hold no 'batch_stats' for this layer. Run "
+            f"model.init(...) first and pass all of its variables, e.g. "
+            f"model.apply({{'params': params, 'batch_stats': batch_stats}}, x)."
+        )
+    return training, initializing
+
+
+def _batch_stats(module: nn.Module, feature_shape: tuple[int, ...], with_count: bool):
+    """The ``batch_stats/{mean, var[, count]}`` variables and the BatchStats they hold."""
+    fresh = init_batch_stats(feature_shape)
+    mean = module.variable("batch_stats", "mean", lambda: fresh.mean)
+    var = module.variable("batch_stats", "var", lambda: fresh.var)
+    count = module.variable("batch_stats", "count", lambda: fresh.count) if with_count else None
+    stats = BatchStats(
+        mean.value, var.value, count.value if count is not None else jnp.zeros((), jnp.int32)
+    )
+    return (mean, var, count), stats
+
+
+def _store(variables, new: tuple) -> None:
+    for variable, value in zip(variables, new, strict=True):
+        if variable is not None:
+            variable.value = value
+
+
+def _init_training(training: bool, x: jax.Array, feature_shape: tuple[int, ...]) -> bool:
+    # As jaxnorm.linen.BatchNorm: a one-example init batch (one value per feature) is
+    # normalized with the fresh statistics instead of being refused.
+    return training and math.prod(x.shape) > math.prod(feature_shape)
+
+
+class BatchRenorm(nn.Module):
+    """Batch renormalization (Ioffe, 2017); numbers from :func:`jaxnorm.variants.batch_renorm`.
+
+    .. math::
+
+        y = \\Big(\\frac{x - \\mu_B}{\\sigma_B}\\,r + d\\Big)\\gamma + \\beta,\\quad
+        r = \\mathrm{sg}(\\mathrm{clip}(\\sigma_B/\\sigma, 1/r_{\\max}, r_{\\max})),\\quad
+        d = \\mathrm{sg}(\\mathrm{clip}((\\mu_B - \\mu)/\\sigma, -d_{\\max}, d_{\\max}))
+
+    in training; ``(x - mu)/sigma * gamma + beta`` in evaluation. With
+    ``warmup_steps`` set, the limits follow :func:`jaxnorm.variants.renorm_schedule`
+    at step ``batch_stats/count`` (the number of training updates so far).
+
+    Variables: ``params/{scale, bias}``, ``batch_stats/{mean, var}`` (float32, feature
+    shape, as ``BatchNorm``) and ``batch_stats/count`` (int32 scalar).
+
+    Attributes:
+      use_running_average: ``True`` to normalize with the stored statistics; may
+        instead be passed to ``__call__`` (exactly one of the two, as in flax).
+      axis: the feature axis or axes (kept); all others are reduced.
+      momentum: weight of the old running value in [0, 1] (torch's 0.1 is our 0.9).
+      epsilon: added to the variance.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias`` (beta).
+      use_scale: multiply by a learned ``scale`` (gamma).
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      axis_name: named axis of ``shard_map``/``pmap``/``vmap`` over which the batch
+        is split.
+      axis_index_groups: device groups for the cross-device reduction.
+      r_max: clip limit of ``r`` (>= 1), or its final value under the schedule.
+      d_max: clip limit of ``d`` (>= 0), or its final value under the schedule.
+      warmup_steps: ``None`` for fixed limits; else steps of plain batch norm before
+        the ramp of :func:`jaxnorm.variants.renorm_schedule`.
+      r_relax_steps: length of the ``r_max`` ramp (with ``warmup_steps``).
+      d_relax_steps: length of the ``d_max`` ramp (with ``warmup_steps``).
+      unbiased_running_var: store the Bessel-corrected batch variance (torch's).
+
+    Example:
+      >>> import jax, jaxnorm.variants_linen as vnn
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> layer = vnn.BatchRenorm(use_running_average=False, warmup_steps=100)
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(updates["batch_stats"]), int(updates["batch_stats"]["count"])
+      (['count', 'mean', 'var'], 1)
+    """
+
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int | None = None
+    r_relax_steps: int = 35_000
+    d_relax_steps: int = 20_000
+    unbiased_running_var: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Renormalize ``x`` (training) or normalize it with the running statistics.
+
+        Args:
+          x: floating input.
+          use_running_average: ``True`` to evaluate; here or as the field, not both.
+          mask: optional boolean array broadcastable to ``x``; ``False`` elements do
+            not enter the statistics.
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        training, initializing = _mode(self, use_running_average, "mean")
+        feature_shape = _feature_shape(self, x)
+        variables, stats = _batch_stats(self, feature_shape, with_count=True)
+        scale, bias = _scale_and_bias(self, feature_shape)
+        r_max, d_max = self.r_max, self.d_max
+        if self.warmup_steps is not None:
+            with _errors_at(self):
+                r_max, d_max = renorm_schedule(
+                    stats.count,
+                    warmup_steps=self.warmup_steps,
+                    r_max=self.r_max,
+                    d_max=self.d_max,
+                    r_relax_steps=self.r_relax_steps,
+                    d_relax_steps=self.d_relax_steps,
+                )
+        with _errors_at(self):
+            y, new = batch_renorm(
+                x,
+                stats,
+                scale,
+                bias,
+                training=_init_training(training, x, feature_shape) if initializing else training,
+                axis=self.axis,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                r_max=r_max,
+                d_max=d_max,
+                axis_name=None if initializing else self.axis_name,
+                axis_index_groups=None if initializing else self.axis_index_groups,
+                mask=mask,
+                unbiased_running_var=self.unbiased_running_var,
+                dtype=self.dtype,
+            )
+        if training and not initializing:
+            _store(variables, new)
+        return y
+
+
+class PowerNorm(nn.Module):
+    """PowerNorm (Shen et al., 2020); numbers from :func:`jaxnorm.variants.power_norm`.
+
+    .. math::
+
+        y = \\gamma\\,\\frac{x}{\\sqrt{\\psi^2 + \\epsilon}} + \\beta
+
+    with ``psi**2`` the *running* quadratic mean (the previous step's in training,
+    updated after use), and the paper's approximate backward pass in training.
+
+    Variables: ``params/{scale, bias}`` and ``batch_stats/{mean_square, grad_stat,
+    count}`` (float32 feature shape; int32 scalar). ``mean_square`` and ``count`` come
+    back in the ``mutable=['batch_stats']`` updates as usual. ``grad_stat`` (the
+    paper's ``nu``) can only be computed in the backward pass: it arrives as the
+    gradient with respect to ``batch_stats``, which :func:`update_grad_stats` adds::
+
+        def loss_fn(params, batch_stats):
+            y, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                     mutable=["batch_stats"])
+            return loss(y), updates["batch_stats"]
+
+        (g_params, g_stats), new_stats = jax.grad(
+            loss_fn, argnums=(0, 1), has_aux=True, allow_int=True)(params, batch_stats)
+        batch_stats = update_grad_stats(new_stats, g_stats)
+
+    Without that, ``grad_stat`` stays 0 and the backward pass is ``dL/dx_hat / psi``.
+
+    Attributes:
+      use_running_average: ``True`` to normalize with the stored statistics; may
+        instead be passed to ``__call__`` (exactly one of the two, as in flax).
+      axis: the feature axis or axes (kept); all others are reduced.
+      momentum: weight of the old ``mean_square`` in [0, 1] (the paper's ``alpha``).
+      epsilon: added to ``psi**2``.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias`` (beta).
+      use_scale: multiply by a learned ``scale`` (gamma).
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      axis_name: named axis of ``shard_map``/``pmap``/``vmap`` over which the batch
+        is split.
+      axis_index_groups: device groups for the cross-device reduction.
+      grad_momentum: momentum of the ``grad_stat`` update; ``None``: ``momentum``.
+
+    Example:
+      >>> import jax, jaxnorm.variants_linen as vnn
+      >>> x = jax.random.normal(jax.random.key(0), (2, 5, 3))
+      >>> layer = vnn.PowerNorm(use_running_average=False)
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> sorted(variables["batch_stats"])
+      ['count', 'grad_stat', 'mean_square']
+    """
+
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    grad_momentum: float | None = None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Divide ``x`` by the running quadratic mean; in training also update it.
+
+        Args:
+          x: floating input, e.g. ``(B, T, C)``.
+          use_running_average: ``True`` to evaluate; here or as the field, not both.
+          mask: optional boolean array broadcastable to ``x`` (e.g. a padding mask
+            ``~pad[..., None]``); ``False`` elements do not enter the statistics.
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        training, initializing = _mode(self, use_running_average, "mean_square")
+        feature_shape = _feature_shape(self, x)
+        fresh = init_power_norm_stats(feature_shape)
+        variables = tuple(
+            self.variable("batch_stats", name, lambda v=value: v)
+            for name, value in zip(PowerNormStats._fields, fresh, strict=True)
+        )
+        stats = PowerNormStats(*(v.value for v in variables))
+        scale, bias = _scale_and_bias(self, feature_shape)
+        with _errors_at(self):
+            y, new = power_norm(
+                x,
+                stats,
+                scale,
+                bias,
+                training=training,
+                axis=self.axis,
+                momentum=self.momentum,
+                grad_momentum=self.grad_momentum,
+                epsilon=self.epsilon,
+                axis_name=None if initializing else self.axis_name,
+                axis_index_groups=None if initializing else self.axis_index_groups,
+                mask=mask,
+                dtype=self.dtype,
+            )
+        if training and not initializing:
+            _store(variables, new)
+        return y
+
+
+def update_grad_stats(batch_stats: Mapping[str, Any], batch_stats_grads: Mapping[str, Any]):
+    """Add the backward pass's ``grad_stat`` increments to every PowerNorm's statistics.
+
+    Walks the (nested) ``batch_stats`` collection; wherever a layer holds
+    ``{mean_square, grad_stat, count}``, its ``grad_stat`` becomes
+    :func:`jaxnorm.variants.update_power_norm_grad_stat` of the matching gradient.
+    Everything else is returned unchanged.
+
+    Args:
+      batch_stats: the ``batch_stats`` collection after the step (the ``mutable``
+        updates returned by ``apply``).
+      batch_stats_grads: the gradient of the loss with respect to the ``batch_stats``
+        passed to ``apply`` (same tree; e.g. ``jax.grad(..., allow_int=True)``).
+
+    Returns:
+      The new ``batch_stats`` collection (a plain dict tree).
+    """
+    if set(PowerNormStats._fields) <= set(batch_stats):
+        stats = PowerNormStats(*(batch_stats[f] for f in PowerNormStats._fields))
+        new = update_power_norm_grad_stat(stats, batch_stats_grads["grad_stat"])
+        return {**batch_stats, "grad_stat": new.grad_stat}
+    return {
+        key: update_grad_stats(value, batch_stats_grads[key])
+        if isinstance(value, Mapping)
+        else value
+        for key, value in batch_stats.items()
+    }
+
+
+class GhostBatchNorm(nn.Module):
+    """Ghost batch norm (Hoffer et al., 2017); via :func:`jaxnorm.variants.ghost_batch_norm`.
+
+    In training, each block of ``virtual_batch_size`` consecutive examples (axis 0) is
+    batch-normalized by its own statistics; the running statistics are updated once
+    per call with the exact moments of the whole batch, so they are what
+    ``BatchNorm`` would store. Evaluation is ``BatchNorm``'s.
+
+    Variables: exactly ``jaxnorm.linen.BatchNorm``'s (``params/{scale, bias}``,
+    ``batch_stats/{mean, var}``, plus ``batch_stats/count`` only when ``momentum is
+    None`` or ``track_count``), so checkpoints move between the two.
+
+    Attributes:
+      virtual_batch_size: examples per virtual batch; must divide the batch size.
+      use_running_average: ``True`` to normalize with the stored statistics; may
+        instead be passed to ``__call__`` (exactly one of the two, as in flax).
+      axis: the feature axis or axes (kept); all others are reduced.
+      momentum: weight of the old running value in [0, 1] (torch's 0.1 is our 0.9).
+      epsilon: added to the variance.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias`` (beta).
+      use_scale: multiply by a learned ``scale`` (gamma).
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      axis_name: named axis across which the running-statistics update is merged
+        (the normalization stays per virtual batch).
+      axis_index_groups: device groups for that merge.
+      unbiased_running_var: store the Bessel-corrected variance (torch's convention).
+      track_count: keep ``batch_stats/count`` even with a numeric ``momentum``.
+
+    Example:
+      >>> import jax, jaxnorm.variants_linen as vnn
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> layer = vnn.GhostBatchNorm(4, use_running_average=False)
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+      >>> y.shape
+      (8, 3)
+    """
+
+    virtual_batch_size: int
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float | None = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    unbiased_running_var: bool = False
+    track_count: bool = False
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalize each virtual batch of ``x`` (training) or all of it (evaluation).
+
+        Args:
+          x: floating input, batch first.
+          use_running_average: ``True`` to evaluate; here or as the field, not both.
+          mask: optional boolean array broadcastable to ``x``.
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        training, initializing = _mode(self, use_running_average, "mean")
+        feature_shape = _feature_shape(self, x)
+        with_count = self.momentum is None or self.track_count
+        variables, stats = _batch_stats(self, feature_shape, with_count=with_count)
+        scale, bias = _scale_and_bias(self, feature_shape)
+        if initializing:  # init only creates variables: no virtual-batch checks on its x
+            training = False
+        with _errors_at(self):
+            y, new = ghost_batch_norm(
+                x,
+                stats,
+                scale,
+                bias,
+                virtual_batch_size=self.virtual_batch_size,
+                training=training,
+                axis=self.axis,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                mask=mask,
+                unbiased_running_var=self.unbiased_running_var,
+                dtype=self.dtype,
+            )
+        if training:
+            _store(variables, new)
+        return y
+
+
+class FrozenBatchNorm(nn.Module):
+    """Batch norm with frozen statistics; via :func:`jaxnorm.variants.frozen_batch_norm`.
+
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with the stored running
+    statistics in every mode: for fine-tuning, where ``scale``/``bias`` (and the
+    layers around) train but the statistics stay. Variables are exactly
+    ``jaxnorm.linen.BatchNorm``'s (``params/{scale, bias}``, ``batch_stats/{mean,
+    var}``), so a trained BatchNorm's variables load unchanged; ``batch_stats`` is
+    never written, so no ``mutable`` is needed. ``use_running_average`` and ``mask``
+    are accepted, so that it replaces a ``BatchNorm`` call unchanged, and ignored.
+
+    Attributes:
+      axis: the feature axis or axes (kept).
+      epsilon: added to the variance.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias``.
+      use_scale: multiply by a learned ``scale``.
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.variants_linen as vnn
+      >>> x = jnp.array([[3.0], [5.0]])
+      >>> layer = vnn.FrozenBatchNorm(epsilon=0.0)
+      >>> variables = layer.init(jax.random.key(0), x)  # mean 0, var 1
+      >>> layer.apply(variables, x)[:, 0].tolist()
+      [3.0, 5.0]
+    """
+
+    axis: Axes = -1
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalize ``x`` with the stored statistics.
+
+        Args:
+          x: floating input.
+          use_running_average: ignored (the statistics are always the stored ones).
+          mask: ignored (no statistics are computed).
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        del use_running_average, mask
+        if not self.is_initializing() and not self.has_variable("batch_stats", "mean"):
+            raise ValueError(
+                f"{_where(self)}: needs the frozen statistics, but the variables hold no "
+                f"'batch_stats' for this layer. Pass them, e.g. model.apply({{'params': "
+                f"params, 'batch_stats': batch_stats}}, x)."
+            )
+        feature_shape = _feature_shape(self, x)
+        _, stats = _batch_stats(self, feature_shape, with_count=False)
+        scale, bias = _scale_and_bias(self, feature_shape)
+        with _errors_at(self):
+            y, _ = frozen_batch_norm(
+                x, stats, scale, bias, axis=self.axis, epsilon=self.epsilon, dtype=self.dtype
+            )
+        return y

@@ -1,0 +1,700 @@
+"""Flax NNX layers for the batch-norm variants of :mod:`jaxnorm.variants`.
+
+Thin, like :mod:`jaxnorm.nnx`: each module reads its variables, calls one function of
+:mod:`jaxnorm.variants` (where every number comes from) and writes the new statistics
+back. State follows ``jaxnorm.nnx.BatchNorm`` (and flax's): ``nnx.Param`` ``scale``/
+``bias`` and ``nnx.BatchStat`` statistics, flat ``(num_features,)`` (reshaped to the
+feature shape for the core when ``axis`` names several axes).
+
+* :class:`BatchRenorm` — ``mean``, ``var``, ``count`` (the step of the optional
+  warm-up schedule).
+* :class:`PowerNorm` — ``mean_square``, ``grad_stat`` (a :class:`PowerNormGradStat`, a
+  ``BatchStat`` subclass, so that it can be differentiated on its own), ``count``.
+  ``grad_stat`` is updated from the gradient: see :func:`update_grad_stats`.
+* :class:`GhostBatchNorm` — ``BatchNorm``'s state (``mean``, ``var``).
+* :class:`FrozenBatchNorm` — ``BatchNorm``'s state, never written, in every mode.
+
+Modes as in ``jaxnorm.nnx.BatchNorm``: ``use_running_average`` defaults to ``None``
+("not set") and a call in that state raises; ``model.train()``/``model.eval()`` set
+it, and a value passed to ``__call__`` takes precedence.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.typing import Dtype, Initializer
+
+from jaxnorm import _checks
+from jaxnorm.state import BatchStats, init_batch_stats
+from jaxnorm.variants import (
+    PowerNormStats,
+    batch_renorm,
+    frozen_batch_norm,
+    ghost_batch_norm,
+    init_power_norm_stats,
+    power_norm,
+    renorm_schedule,
+)
+
+__all__ = [
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
+    "PowerNorm",
+    "PowerNormGradStat",
+    "update_grad_stats",
+]
+
+Axes = int | Sequence[int]
+_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
+
+
+class PowerNormGradStat(nnx.BatchStat):
+    """PowerNorm's running gradient statistic ``nu``: a ``BatchStat`` that is updated
+    from its gradient (:func:`update_grad_stats`), hence a type of its own to filter on."""
+
+
+@contextmanager
+def _errors_at(module: nnx.Module) -> Iterator[None]:
+    """Prefix the core's ``ValueError``/``TypeError`` messages with the module's class."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if e.args and isinstance(e.args[0], str):
+            e.args = (f"jaxnorm.variants_nnx.{type(module).__name__}: {e.args[0]}",)
+        raise
+
+
+def _value(variable: nnx.Variable | None) -> jax.Array | None:
+    return None if variable is None else variable[...]
+
+
+def _fit(a: jax.Array | None, feature_shape: tuple[int, ...]) -> jax.Array | None:
+    """A flat ``(num_features,)`` variable reshaped to the feature shape when sizes agree
+    (otherwise passed unchanged, for the core to report the misfit)."""
+    if a is None or a.shape == feature_shape or a.size != math.prod(feature_shape):
+        return a
+    return jnp.reshape(a, feature_shape)
+
+
+def _feature_shape(module: nnx.Module, x: jax.Array) -> tuple[int, ...]:
+    with _errors_at(module):
+        axes = _checks.canonical_axes(type(module).__name__, "axis", module.axis, jnp.ndim(x))
+    return tuple(x.shape[a] for a in axes)
+
+
+def _scale_and_bias(
+    module: nnx.Module,
+    num_features: int,
+    *,
+    use_scale: bool,
+    use_bias: bool,
+    scale_init: Initializer,
+    bias_init: Initializer,
+    param_dtype: Dtype,
+    rngs: nnx.Rngs,
+    scale_metadata: Mapping[str, Any],
+    bias_metadata: Mapping[str, Any],
+) -> None:
+    def make(init: Initializer, metadata: Mapping[str, Any]) -> nnx.Param:
+        return nnx.Param(init(rngs.params(), (num_features,), param_dtype), **metadata)
+
+    module.scale = make(scale_init, scale_metadata) if use_scale else nnx.data(None)
+    module.bias = make(bias_init, bias_metadata) if use_bias else nnx.data(None)
+
+
+def _training(module: nnx.Module, use_running_average: bool | None) -> bool:
+    mode = module.use_running_average if use_running_average is None else use_running_average
+    if mode is None:
+        raise ValueError(
+            f"jaxnorm.variants_nnx.{type(module).__name__}: the mode is not set "
+            f"(use_running_average=None), so it is unknown whether to train the running "
+            f"statistics or to use them. Call model.train() before training steps and "
+            f"model.eval() before evaluation, or pass use_running_average=False/True to the "
+            f"constructor or the call."
+        )
+    return not mode
+
+
+def _write(variable: nnx.Variable | None, value: jax.Array) -> None:
+    if variable is not None:
+        variable[...] = jnp.reshape(value, variable.shape)
+
+
+class _Moded(nnx.Module):
+    """The ``set_view`` hook shared by the layers with a train/eval mode."""
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Hook for ``nnx.view(model, use_running_average=...)`` (as flax).
+
+        Args:
+          use_running_average: the mode to set; ``None`` leaves it unchanged.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchRenorm(_Moded):
+    """Batch renormalization (Ioffe, 2017); numbers from :func:`jaxnorm.variants.batch_renorm`.
+
+    .. math::
+
+        y = \\Big(\\frac{x - \\mu_B}{\\sigma_B}\\,r + d\\Big)\\gamma + \\beta,\\quad
+        r = \\mathrm{sg}(\\mathrm{clip}(\\sigma_B/\\sigma, 1/r_{\\max}, r_{\\max})),\\quad
+        d = \\mathrm{sg}(\\mathrm{clip}((\\mu_B - \\mu)/\\sigma, -d_{\\max}, d_{\\max}))
+
+    in training; ``(x - mu)/sigma * gamma + beta`` in evaluation. With
+    ``warmup_steps`` set, the limits follow :func:`jaxnorm.variants.renorm_schedule`
+    at step ``count`` (the number of training updates so far).
+
+    Args:
+      num_features: size of the feature axis (product of sizes for several axes).
+      use_running_average: ``False`` train, ``True`` evaluate, ``None`` not set.
+      axis: the feature axis or axes (kept).
+      momentum: weight of the old running value in [0, 1].
+      epsilon: added to the variances.
+      r_max: clip limit of ``r`` (>= 1), or its final value under the schedule.
+      d_max: clip limit of ``d`` (>= 0), or its final value under the schedule.
+      warmup_steps: ``None`` for fixed limits; else steps of plain batch norm first.
+      r_relax_steps: length of the ``r_max`` ramp (with ``warmup_steps``).
+      d_relax_steps: length of the ``d_max`` ramp (with ``warmup_steps``).
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias``.
+      use_scale: multiply by a learned ``scale``.
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      axis_name: named axis across which the batch is split.
+      axis_index_groups: device groups for the cross-device reduction.
+      unbiased_running_var: store the Bessel-corrected batch variance (torch's).
+      rngs: random generators for the parameter initializers.
+      bias_metadata: extra metadata for the ``bias`` Param.
+      scale_metadata: extra metadata for the ``scale`` Param.
+
+    Example:
+      >>> import jax, jaxnorm.variants_nnx as vnnx
+      >>> from flax import nnx
+      >>> layer = vnnx.BatchRenorm(3, warmup_steps=100, rngs=nnx.Rngs(0))
+      >>> layer.train()
+      >>> y = layer(jax.random.normal(jax.random.key(0), (8, 3)))
+      >>> int(layer.count[...])
+      1
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = None,
+        axis: Axes = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int | None = None,
+        r_relax_steps: int = 35_000,
+        d_relax_steps: int = 20_000,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = nnx.initializers.zeros,
+        scale_init: Initializer = nnx.initializers.ones,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        unbiased_running_var: bool = False,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        fresh = init_batch_stats((num_features,))
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.var = nnx.BatchStat(fresh.var)
+        self.count = nnx.BatchStat(fresh.count)
+        _scale_and_bias(
+            self,
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup_steps = warmup_steps
+        self.r_relax_steps = r_relax_steps
+        self.d_relax_steps = d_relax_steps
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.unbiased_running_var = unbiased_running_var
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Renormalize ``x`` (training mode) or normalize it with the running statistics.
+
+        Args:
+          x: floating input.
+          use_running_average: overrides the attribute for this call when not ``None``.
+          mask: optional boolean array broadcastable to ``x``.
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        training = _training(self, use_running_average)
+        fs = _feature_shape(self, x)
+        stats = BatchStats(_fit(self.mean[...], fs), _fit(self.var[...], fs), self.count[...])
+        r_max, d_max = self.r_max, self.d_max
+        with _errors_at(self):
+            if self.warmup_steps is not None:
+                r_max, d_max = renorm_schedule(
+                    stats.count,
+                    warmup_steps=self.warmup_steps,
+                    r_max=self.r_max,
+                    d_max=self.d_max,
+                    r_relax_steps=self.r_relax_steps,
+                    d_relax_steps=self.d_relax_steps,
+                )
+            y, new = batch_renorm(
+                x,
+                stats,
+                _fit(_value(self.scale), fs),
+                _fit(_value(self.bias), fs),
+                training=training,
+                axis=self.axis,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                r_max=r_max,
+                d_max=d_max,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                mask=mask,
+                unbiased_running_var=self.unbiased_running_var,
+                dtype=self.dtype,
+            )
+        if training:
+            _write(self.mean, new.mean)
+            _write(self.var, new.var)
+            _write(self.count, new.count)
+        return y
+
+
+class PowerNorm(_Moded):
+    """PowerNorm (Shen et al., 2020); numbers from :func:`jaxnorm.variants.power_norm`.
+
+    .. math::
+
+        y = \\gamma\\,\\frac{x}{\\sqrt{\\psi^2 + \\epsilon}} + \\beta
+
+    with ``psi**2`` the *running* quadratic mean (the previous step's in training,
+    updated after use) and the paper's approximate backward pass in training.
+
+    The running gradient statistic ``grad_stat`` (the paper's ``nu``) is computed in
+    the backward pass and arrives as the gradient with respect to it; differentiate
+    with respect to :class:`PowerNormGradStat` as well and call
+    :func:`update_grad_stats`::
+
+        diff = nnx.DiffState(0, nnx.Any(nnx.Param, PowerNormGradStat))
+        grads = nnx.grad(loss_fn, argnums=diff)(model, x)
+        update_grad_stats(model, grads)  # before the optimizer, which ignores them
+        optimizer.update(model, nnx.filter_state(grads, nnx.Param))
+
+    Without that, ``grad_stat`` stays 0 and the backward pass is ``dL/dx_hat / psi``.
+
+    Args:
+      num_features: size of the feature axis (product of sizes for several axes).
+      use_running_average: ``False`` train, ``True`` evaluate, ``None`` not set.
+      axis: the feature axis or axes (kept); all others are reduced.
+      momentum: weight of the old ``mean_square`` in [0, 1] (the paper's ``alpha``).
+      grad_momentum: the same for ``grad_stat``; ``None``: ``momentum``.
+      epsilon: added to ``psi**2``.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias``.
+      use_scale: multiply by a learned ``scale``.
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      axis_name: named axis across which the batch is split.
+      axis_index_groups: device groups for the cross-device reduction.
+      rngs: random generators for the parameter initializers.
+      bias_metadata: extra metadata for the ``bias`` Param.
+      scale_metadata: extra metadata for the ``scale`` Param.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = None,
+        axis: Axes = -1,
+        momentum: float = 0.9,
+        grad_momentum: float | None = None,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = nnx.initializers.zeros,
+        scale_init: Initializer = nnx.initializers.ones,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        fresh = init_power_norm_stats((num_features,))
+        self.mean_square = nnx.BatchStat(fresh.mean_square)
+        self.grad_stat = PowerNormGradStat(fresh.grad_stat)
+        self.count = nnx.BatchStat(fresh.count)
+        _scale_and_bias(
+            self,
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.grad_momentum = grad_momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Divide ``x`` by the running quadratic mean; in training mode also update it.
+
+        Args:
+          x: floating input, e.g. ``(B, T, C)``.
+          use_running_average: overrides the attribute for this call when not ``None``.
+          mask: optional boolean array broadcastable to ``x`` (``False``: padding).
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        training = _training(self, use_running_average)
+        fs = _feature_shape(self, x)
+        stats = PowerNormStats(
+            _fit(self.mean_square[...], fs), _fit(self.grad_stat[...], fs), self.count[...]
+        )
+        with _errors_at(self):
+            y, new = power_norm(
+                x,
+                stats,
+                _fit(_value(self.scale), fs),
+                _fit(_value(self.bias), fs),
+                training=training,
+                axis=self.axis,
+                momentum=self.momentum,
+                grad_momentum=self.grad_momentum,
+                epsilon=self.epsilon,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                mask=mask,
+                dtype=self.dtype,
+            )
+        if training:
+            _write(self.mean_square, new.mean_square)
+            _write(self.count, new.count)
+        return y
+
+
+def update_grad_stats(model: nnx.Module, grads: nnx.State) -> None:
+    """Add the backward pass's increments to every :class:`PowerNorm`'s ``grad_stat``.
+
+    ``nu_t = nu_{t-1} + dL/d(grad_stat)``, the rule of
+    :func:`jaxnorm.variants.update_power_norm_grad_stat`, for every
+    :class:`PowerNormGradStat` in ``model``, in place.
+
+    Args:
+      model: the model (or any graph node) holding PowerNorm layers.
+      grads: gradients from ``nnx.grad`` with an ``argnums``/``DiffState`` filter that
+        includes :class:`PowerNormGradStat` (other entries are ignored).
+
+    Raises:
+      ValueError: ``grads`` holds no :class:`PowerNormGradStat` while ``model`` does
+        (the filter left them out, so nothing would be learned).
+    """
+    current = nnx.state(model, PowerNormGradStat)
+    increments = nnx.filter_state(grads, PowerNormGradStat)
+    if jax.tree.leaves(current) and not jax.tree.leaves(increments):
+        raise ValueError(
+            "jaxnorm.variants_nnx.update_grad_stats: grads holds no PowerNormGradStat, so "
+            "there is nothing to add. Differentiate with respect to them too: "
+            "nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.Any(nnx.Param, "
+            "PowerNormGradStat)))."
+        )
+    nnx.update(model, jax.tree.map(lambda nu, inc: nu + inc.astype(nu.dtype), current, increments))
+
+
+class GhostBatchNorm(_Moded):
+    """Ghost batch norm (Hoffer et al., 2017); via :func:`jaxnorm.variants.ghost_batch_norm`.
+
+    In training mode, each block of ``virtual_batch_size`` consecutive examples
+    (axis 0) is batch-normalized by its own statistics; the running statistics are
+    updated once per call with the exact moments of the whole batch (what
+    ``BatchNorm`` would store). Evaluation is ``BatchNorm``'s. State: ``BatchNorm``'s
+    (``mean``, ``var``; ``count`` when ``momentum is None`` or ``track_count``).
+
+    Args:
+      num_features: size of the feature axis (product of sizes for several axes).
+      virtual_batch_size: examples per virtual batch; must divide the batch size.
+      use_running_average: ``False`` train, ``True`` evaluate, ``None`` not set.
+      axis: the feature axis or axes (kept; not 0).
+      momentum: weight of the old running value in [0, 1]; ``None``: cumulative.
+      epsilon: added to the variance.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias``.
+      use_scale: multiply by a learned ``scale``.
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      axis_name: named axis across which the running-statistics update is merged.
+      axis_index_groups: device groups for that merge.
+      unbiased_running_var: store the Bessel-corrected variance (torch's).
+      track_count: keep the ``count`` BatchStat even with a numeric ``momentum``.
+      rngs: random generators for the parameter initializers.
+      bias_metadata: extra metadata for the ``bias`` Param.
+      scale_metadata: extra metadata for the ``scale`` Param.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int,
+        *,
+        use_running_average: bool | None = None,
+        axis: Axes = -1,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = nnx.initializers.zeros,
+        scale_init: Initializer = nnx.initializers.ones,
+        axis_name: Any = None,
+        axis_index_groups: Any = None,
+        unbiased_running_var: bool = False,
+        track_count: bool = False,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        fresh = init_batch_stats((num_features,))
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.var = nnx.BatchStat(fresh.var)
+        with_count = momentum is None or track_count
+        self.count = nnx.BatchStat(fresh.count) if with_count else nnx.data(None)
+        _scale_and_bias(
+            self,
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        self.num_features = num_features
+        self.virtual_batch_size = virtual_batch_size
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.unbiased_running_var = unbiased_running_var
+        self.track_count = track_count
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalize each virtual batch of ``x`` (training mode) or all of it (evaluation).
+
+        Args:
+          x: floating input, batch first.
+          use_running_average: overrides the attribute for this call when not ``None``.
+          mask: optional boolean array broadcastable to ``x``.
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        training = _training(self, use_running_average)
+        fs = _feature_shape(self, x)
+        count = _value(self.count)
+        stats = BatchStats(
+            _fit(self.mean[...], fs),
+            _fit(self.var[...], fs),
+            jnp.zeros((), jnp.int32) if count is None else count,
+        )
+        with _errors_at(self):
+            y, new = ghost_batch_norm(
+                x,
+                stats,
+                _fit(_value(self.scale), fs),
+                _fit(_value(self.bias), fs),
+                virtual_batch_size=self.virtual_batch_size,
+                training=training,
+                axis=self.axis,
+                momentum=self.momentum,
+                epsilon=self.epsilon,
+                axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups,
+                mask=mask,
+                unbiased_running_var=self.unbiased_running_var,
+                dtype=self.dtype,
+            )
+        if training:
+            _write(self.mean, new.mean)
+            _write(self.var, new.var)
+            _write(self.count, new.count)
+        return y
+
+
+class FrozenBatchNorm(nnx.Module):
+    """Batch norm with frozen statistics; via :func:`jaxnorm.variants.frozen_batch_norm`.
+
+    ``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with the stored ``mean``/
+    ``var`` in every mode (it has no ``use_running_average``, so ``model.train()``
+    leaves it frozen): for fine-tuning with frozen statistics. State: ``BatchNorm``'s
+    ``mean``/``var`` BatchStats and ``scale``/``bias`` Params, so a trained BatchNorm's
+    state can be copied in. ``use_running_average`` and ``mask`` are accepted by the
+    call, so that it replaces a ``BatchNorm`` call unchanged, and ignored.
+
+    Args:
+      num_features: size of the feature axis (product of sizes for several axes).
+      axis: the feature axis or axes (kept).
+      epsilon: added to the variance.
+      dtype: output dtype; ``None`` keeps the input's dtype.
+      param_dtype: dtype of ``scale``/``bias``.
+      use_bias: add a learned ``bias``.
+      use_scale: multiply by a learned ``scale``.
+      bias_init: initializer for ``bias``.
+      scale_init: initializer for ``scale``.
+      rngs: random generators for the parameter initializers.
+      bias_metadata: extra metadata for the ``bias`` Param.
+      scale_metadata: extra metadata for the ``scale`` Param.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        axis: Axes = -1,
+        epsilon: float = 1e-5,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = nnx.initializers.zeros,
+        scale_init: Initializer = nnx.initializers.ones,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+    ):
+        fresh = init_batch_stats((num_features,))
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.var = nnx.BatchStat(fresh.var)
+        _scale_and_bias(
+            self,
+            num_features,
+            use_scale=use_scale,
+            use_bias=use_bias,
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
+        )
+        self.num_features = num_features
+        self.axis = axis
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalize ``x`` with the stored statistics.
+
+        Args:
+          x: floating input.
+          use_running_average: ignored (the statistics are always the stored ones).
+          mask: ignored (no statistics are computed).
+
+        Returns:
+          The normalized ``x``, of dtype ``self.dtype or x.dtype``.
+        """
+        del use_running_average, mask
+        fs = _feature_shape(self, x)
+        stats = BatchStats(_fit(self.mean[...], fs), _fit(self.var[...], fs), jnp.int32(0))
+        with _errors_at(self):
+            y, _ = frozen_batch_norm(
+                x,
+                stats,
+                _fit(_value(self.scale), fs),
+                _fit(_value(self.bias), fs),
+                axis=self.axis,
+                epsilon=self.epsilon,
+                dtype=self.dtype,
+            )
+        return y
