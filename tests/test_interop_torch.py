@@ -1,0 +1,292 @@
+"""torch <-> jaxnorm/Flax conversion (jaxnorm.interop.torch).
+
+The main check is behavioural: a small torch CNN is trained in torch, converted,
+and the equivalent Flax model (NHWC, jaxnorm.linen.BatchNorm with the torch preset)
+must give the same outputs, and keep giving them -- outputs, parameters and running
+statistics -- through three more SGD steps taken independently on each side.
+
+Tolerance 1e-5 (abs and rel), float32 throughout: torch and XLA sum the convolutions
+in different orders (~1e-7 relative per op); six SGD steps of lr 0.1 on a
+10-class cross-entropy do not amplify that past ~1e-6 here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+import jaxnorm.linen as jnn
+from jaxnorm.interop import torch as jt
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+LR = 0.1
+
+
+def _n(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+def _nhwc(x: torch.Tensor) -> jax.Array:
+    return jnp.asarray(_n(x).transpose(0, 2, 3, 1))
+
+
+def torch_cnn(momentum: float | None) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    nn_ = torch.nn
+    return nn_.Sequential(
+        nn_.Conv2d(3, 8, 3, padding=1),
+        nn_.BatchNorm2d(8, momentum=momentum),
+        nn_.ReLU(),
+        nn_.Conv2d(8, 16, 3, padding=1),
+        nn_.BatchNorm2d(16, momentum=momentum),
+        nn_.ReLU(),
+        nn_.AdaptiveAvgPool2d(1),
+        nn_.Flatten(),
+        nn_.Linear(16, 10),
+    )
+
+
+class FlaxCNN(nn.Module):
+    """The torch CNN in NHWC: Conv -> BN -> ReLU, twice, global mean pool, Dense."""
+
+    bn: Any  # jaxnorm.linen.BatchNorm kwargs, e.g. jt.preset(torch_layer)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for features in (8, 16):
+            x = nn.Conv(features, (3, 3), padding=1)(x)
+            x = jnn.BatchNorm(use_running_average=not train, **self.bn)(x)
+            x = nn.relu(x)
+        return nn.Dense(10)(x.mean(axis=(1, 2)))
+
+
+def _shapes(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The variables' shapes and dtypes, without running Flax's initializers (slow on CPU)."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))
+
+
+def _data(seed: int = 0, steps: int = 6, batch: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(batch, 3, 6, 6, generator=g) * 2.0 + 0.5 for _ in range(steps)]
+    ys = [torch.randint(0, 10, (batch,), generator=g) for _ in range(steps)]
+    return xs, ys
+
+
+def _torch_train(model: torch.nn.Module, xs, ys) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    model.train()
+    for x, y in zip(xs, ys, strict=True):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _flax_train(model: FlaxCNN, variables, xs, ys):
+    tx = optax.sgd(LR)
+
+    @jax.jit
+    def step(params, batch_stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, updates = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates["batch_stats"]
+
+        (_, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new_stats, opt_state
+
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+    for x, y in zip(xs, ys, strict=True):
+        params, batch_stats, opt_state = step(
+            params, batch_stats, opt_state, _nhwc(x), jnp.asarray(_n(y))
+        )
+    return {"params": params, "batch_stats": batch_stats}
+
+
+@pytest.mark.parametrize("torch_momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_trained_cnn_matches_torch_through_more_training(torch_momentum):
+    xs, ys = _data()
+    tm = torch_cnn(torch_momentum)
+    _torch_train(tm, xs[:3], ys[:3])
+
+    bn_kwargs = jt.preset(tm[1])
+    assert bn_kwargs == jt.preset(tm[4])
+    model = FlaxCNN(bn=bn_kwargs)
+    like = _shapes(model, _nhwc(xs[0]), train=False)
+    variables = jt.from_torch(tm, mapping="compact", like=like)
+    # count exists exactly for the cumulative average, as num_batches_tracked.
+    assert ("count" in variables["batch_stats"]["BatchNorm_0"]) == (torch_momentum is None)
+
+    x_eval = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    tm.eval()
+    evaluate = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    chex.assert_trees_all_close(evaluate(variables, _nhwc(x_eval)), _n(tm(x_eval)), **TOL)
+
+    # Three more steps, independently on each side, same batches and optimizer.
+    _torch_train(tm, xs[3:], ys[3:])
+    variables = _flax_train(model, variables, xs[3:], ys[3:])
+    tm.eval()
+    chex.assert_trees_all_close(evaluate(variables, _nhwc(x_eval)), _n(tm(x_eval)), **TOL)
+    # Every parameter, running statistic and counter, compared in torch's layout.
+    back = jt.to_torch(variables, "compact", template=tm)
+    expected = tm.state_dict()
+    assert list(back) == list(expected)
+    for key, value in expected.items():
+        assert back[key].dtype == value.dtype, key
+        np.testing.assert_allclose(_n(back[key]), _n(value), err_msg=key, **TOL)
+    if torch_momentum is None:
+        assert int(back["1.num_batches_tracked"]) == 6
+
+    # And back into a fresh torch model, strictly.
+    tm2 = torch_cnn(torch_momentum)
+    tm2.load_state_dict(back, strict=True)
+    tm2.eval()
+    np.testing.assert_allclose(_n(tm2(x_eval)), _n(tm(x_eval)), **TOL)
+
+
+def test_state_dict_and_explicit_mapping_agree_with_module_source():
+    tm = torch_cnn(0.1)
+    mapping = {"0": "Conv_0", "1": "BatchNorm_0", "3": "Conv_1", "4": "BatchNorm_1", "8": "Dense_0"}
+    assert jt.compact_mapping(tm) == mapping
+    a = jt.from_torch(tm, mapping)
+    b = jt.from_torch(tm.state_dict(), "compact")
+    chex.assert_trees_all_equal(a, b)
+    # Layout: OIHW -> HWIO and (out, in) -> (in, out).
+    np.testing.assert_array_equal(
+        a["params"]["Conv_1"]["kernel"], _n(tm[3].weight).transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(a["params"]["Dense_0"]["kernel"], _n(tm[8].weight).T)
+    # kinds= resolves what a bare state_dict cannot show: a 2-D LayerNorm weight is no Linear.
+    ln = torch.nn.LayerNorm((3, 4))
+    with torch.no_grad():
+        ln.weight.copy_(torch.arange(12.0).reshape(3, 4))
+    v = jt.from_torch(
+        {f"ln.{k}": t for k, t in ln.state_dict().items()}, kinds={"ln": "layer_norm"}
+    )
+    np.testing.assert_array_equal(v["params"]["ln"]["scale"], _n(ln.weight))
+    assert jt.to_torch(v, kinds={"ln": "layer_norm"})["ln.weight"].shape == (3, 4)
+    # Without a template the inverse still gives a strict-loadable state_dict.
+    back = jt.to_torch(a, mapping)
+    tm2 = torch_cnn(0.1)
+    tm2.load_state_dict(back, strict=True)
+    for key, value in tm.state_dict().items():
+        np.testing.assert_array_equal(_n(tm2.state_dict()[key]), _n(value), err_msg=key)
+
+
+class TorchNorms(torch.nn.Module):
+    """Linear -> LayerNorm -> GroupNorm -> RMSNorm -> BatchNorm1d, torch defaults mostly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 8)
+        self.ln = torch.nn.LayerNorm(8)
+        self.gn = torch.nn.GroupNorm(2, 8, eps=1e-4)
+        self.rms = torch.nn.RMSNorm(8)  # eps=None: finfo(float32).eps
+        self.bn = torch.nn.BatchNorm1d(8, momentum=0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.rms(self.gn(self.ln(self.fc(x)))))
+
+
+class FlaxNorms(nn.Module):
+    """setup-style twin of TorchNorms: the same attribute names, so mapping=None."""
+
+    presets: Any  # {name: preset kwargs}
+
+    def setup(self) -> None:
+        self.fc = nn.Dense(8)
+        self.ln = jnn.LayerNorm(**self.presets["ln"])
+        self.gn = jnn.GroupNorm(**self.presets["gn"])
+        self.rms = jnn.RMSNorm(**self.presets["rms"])
+        self.bn = jnn.BatchNorm(use_running_average=True, **self.presets["bn"])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.bn(self.rms(self.gn(self.ln(self.fc(x)))))
+
+
+def test_layer_group_rms_norms_by_name_round_trip():
+    torch.manual_seed(1)
+    tm = TorchNorms()
+    with torch.no_grad():
+        for tensor in tm.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5)  # positive: valid running var
+    tm.eval()
+    presets = {name: jt.preset(getattr(tm, name)) for name in ("ln", "gn", "rms", "bn")}
+    assert presets["rms"]["epsilon"] == float(torch.finfo(torch.float32).eps)
+    assert presets["gn"] == {"num_groups": 2, "epsilon": 1e-4}
+    model = FlaxNorms(presets=presets)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    like = _shapes(model, jnp.asarray(_n(x)))
+    variables = jt.from_torch(tm, like=like)  # mapping=None: names kept
+    chex.assert_trees_all_close(model.apply(variables, jnp.asarray(_n(x))), _n(tm(x)), **TOL)
+
+    back = jt.to_torch(variables, template=tm)
+    tm2 = TorchNorms()
+    tm2.load_state_dict(back, strict=True)
+    for key, value in tm.state_dict().items():
+        np.testing.assert_array_equal(_n(tm2.state_dict()[key]), _n(value), err_msg=key)
+
+
+def test_preset_conventions():
+    assert jt.preset(torch.nn.BatchNorm2d(4, momentum=0.25, eps=1e-3)) == {
+        "momentum": 0.75,
+        "epsilon": 1e-3,
+        "unbiased_running_var": True,
+    }
+    cumulative = jt.preset(
+        torch.nn.BatchNorm1d(4, momentum=None, affine=False), channels_last=False
+    )
+    assert cumulative == {
+        "momentum": None,
+        "epsilon": 1e-5,
+        "unbiased_running_var": True,
+        "axis": 1,
+        "use_scale": False,
+        "use_bias": False,
+    }
+    ln2d = jt.preset(torch.nn.LayerNorm((3, 4), bias=False))
+    assert ln2d["reduction_axes"] == ln2d["feature_axes"] == (-2, -1)
+    assert ln2d["use_bias"] is False and ln2d["use_scale"] is True
+    with pytest.raises(TypeError, match="expected a torch normalization layer"):
+        jt.preset(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        jt.preset(torch.nn.BatchNorm2d(4, track_running_stats=False))
+
+
+def test_errors_teach():
+    with pytest.raises(TypeError, match=r"'1' is a torch.nn.*Embedding.*no Flax counterpart"):
+        jt.from_torch(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Embedding(5, 3)))
+    with pytest.raises(TypeError, match=r"'attn'.*in_proj_weight"):
+        jt.from_torch({"attn.in_proj_weight": torch.zeros(6, 2)})
+    tm = torch_cnn(0.1)
+    with pytest.raises(ValueError, match=r"no entry for the torch layers \['3', '4', '8'\]"):
+        jt.from_torch(tm, {"0": "Conv_0", "1": "BatchNorm_0"})
+    with pytest.raises(ValueError, match="both '0' and '3'"):
+        jt.from_torch(tm, {"0": "Conv_0", "1": "BN_0", "3": "Conv_0", "4": "BN_1", "8": "D"})
+    with pytest.raises(ValueError, match="mapping='compact' needs each layer's class"):
+        jt.from_torch({"ln.weight": torch.ones(4), "ln.bias": torch.zeros(4)}, "compact")
+
+    model = FlaxCNN(bn=jt.preset(tm[1]))
+    like = _shapes(model, jnp.zeros((1, 6, 6, 3)), train=False)
+    like["params"]["Conv_1"]["kernel"] = jax.ShapeDtypeStruct((3, 3, 8, 32), jnp.float32)
+    with pytest.raises(ValueError, match=r"'3.weight' \(conv\) became 'params/Conv_1/kernel'"):
+        jt.from_torch(tm, "compact", like=like)
+
+    variables = jt.from_torch(tm, "compact")
+    variables["params"]["Dense_0"]["kernel"] = jnp.zeros((16, 7))
+    with pytest.raises(ValueError, match=r"'8.weight' \(linear\) converts to shape \(7, 16\)"):
+        jt.to_torch(variables, "compact", template=tm)
+    with pytest.raises(ValueError, match="needs the torch layer order"):
+        jt.to_torch(variables, "compact")
