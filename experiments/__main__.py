@@ -15,7 +15,7 @@ from pathlib import Path
 from experiments.common import Experiment, RunConfig
 
 # Each module defines EXPERIMENTS: list[Experiment]; order = report order.
-_MODULES = ("experiments.vision", "experiments.language")
+_MODULES = ("experiments.vision", "experiments.parallel", "experiments.language")
 
 
 def registry() -> dict[str, Experiment]:
