@@ -1,0 +1,90 @@
+"""``python -m benchmarks``: jaxnorm against flax, torch, naive jnp and the memory floor.
+
+Every column of a row is measured in the same process, interleaved: each repeat times
+every column once, in turn, so a noisy machine slows all columns alike. The table shows
+the median per column, the spread (interquartile range / median) and the ratios; the JSON
+keeps every sample. The memory floor is the bytes that must move divided by the
+bandwidth of a jitted ``x + 1`` copy of the same array, measured in the same repeats:
+forward moves 2 passes over ``x`` (read x, write y), forward+backward 3 (read x and dy,
+write dx).
+
+Examples::
+
+    python -m benchmarks                                   # the full table
+    python -m benchmarks --op layer_norm --shape 8192,1024 --dtype float32 --direction fwd
+    python -m benchmarks --models                          # whole-model train steps only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import jax
+
+from benchmarks.ops import OPS, SHAPES, run_row
+from benchmarks.report import format_rows, machine_info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--op", choices=sorted(OPS), action="append", help="only these ops")
+    parser.add_argument("--shape", action="append", help="only this shape, e.g. 8192,1024")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], action="append")
+    parser.add_argument("--direction", choices=["fwd", "fwd_bwd"], action="append")
+    parser.add_argument("--repeats", type=int, default=21, help="interleaved repeats per row")
+    parser.add_argument("--min-time", type=float, default=0.02, help="seconds per sample")
+    parser.add_argument("--no-torch", action="store_true", help="skip the torch column")
+    parser.add_argument("--models", action="store_true", help="whole-model rows only")
+    parser.add_argument("--no-models", action="store_true", help="skip whole-model rows")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+    args = parser.parse_args(argv)
+
+    info = machine_info()
+    rows = []
+    if not args.models:
+        for op in args.op or sorted(OPS):
+            shapes = SHAPES[OPS[op].family]
+            if args.shape:
+                wanted = [tuple(int(s) for s in sh.split(",")) for sh in args.shape]
+                shapes = [s for s in shapes if s in wanted] or wanted
+            for shape in shapes:
+                for dtype in args.dtype or ["float32", "bfloat16"]:
+                    for direction in args.direction or ["fwd", "fwd_bwd"]:
+                        row = run_row(
+                            op,
+                            shape,
+                            dtype,
+                            direction,
+                            repeats=args.repeats,
+                            min_time=args.min_time,
+                            with_torch=not args.no_torch,
+                        )
+                        rows.append(row)
+                        print(format_rows([row], header=len(rows) == 1), flush=True)
+    model_rows = []
+    if not args.no_models and not (args.op or args.shape or args.dtype or args.direction):
+        from benchmarks.models import run_model_rows
+
+        model_rows = run_model_rows(repeats=max(5, args.repeats // 2))
+    backend = jax.default_backend()
+    device = jax.devices()[0].device_kind.replace(" ", "_")
+    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{backend}-{device}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "machine": info,
+        "python": platform.python_version(),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "rows": rows,
+        "model_rows": model_rows,
+    }
+    out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
