@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             shapes = SHAPES[OPS[op].family]
             if args.shape:
                 wanted = [tuple(int(s) for s in sh.split(",")) for sh in args.shape]
-                shapes = [s for s in shapes if s in wanted] or wanted
+                # BN rows take NHWC shapes; LN/RMS rows take any other rank.
+                shapes = [s for s in wanted if (len(s) == 4) == (OPS[op].family == "bn")]
             for shape in shapes:
                 for dtype in args.dtype or ["float32", "bfloat16"]:
                     for direction in args.direction or ["fwd", "fwd_bwd"]:
