@@ -15,7 +15,12 @@ from pathlib import Path
 from experiments.common import Experiment, RunConfig
 
 # Each module defines EXPERIMENTS: list[Experiment]; order = report order.
-_MODULES = ("experiments.vision", "experiments.parallel", "experiments.language")
+_MODULES = (
+    "experiments.vision",
+    "experiments.parallel",
+    "experiments.language",
+    "experiments.variants_exp",
+)
 
 
 def registry() -> dict[str, Experiment]:
@@ -36,7 +41,8 @@ def registry() -> dict[str, Experiment]:
 def write_report(out_dir: Path, experiments: list[Experiment]) -> Path:
     """Assemble REPORT.md from the sections of the experiments whose metrics exist."""
     parts = ["# jaxnorm experiments: what the BatchNorm/LayerNorm lesson's claims look like\n"]
-    for exp in experiments:
+    order = {"vision": 0, "language": 1}
+    for exp in sorted(experiments, key=lambda e: order.get(e.group, 2)):
         folder = out_dir / exp.name
         if (folder / "metrics.json").exists():
             parts.append(exp.report(folder).rstrip() + "\n")
