@@ -72,3 +72,37 @@ def markdown_table(rows: list[dict]) -> str:
             f"{r['timing']['jaxnorm']['median_s'] * 1e3:.2f} |"
         )
     return "\n".join(out)
+
+
+def markdown_model_table(rows: list[dict]) -> str:
+    """The README table of whole-model train steps."""
+    out = [
+        "| model | step ms jaxnorm | step ms flax | jaxnorm/flax | compile s jaxnorm / flax "
+        "| temp MiB jaxnorm / flax |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, i = r["timing"], r["info"]
+        mib = [
+            "?" if i[k]["temp_bytes"] is None else f"{i[k]['temp_bytes'] / 2**20:.1f}"
+            for k in ("jaxnorm", "flax")
+        ]
+        out.append(
+            f"| {r['model']} | {t['jaxnorm']['median_s'] * 1e3:.1f} | "
+            f"{t['flax']['median_s'] * 1e3:.1f} | {r['step_ratio_jaxnorm/flax']:.2f} | "
+            f"{i['jaxnorm']['compile_s']:.1f} / {i['flax']['compile_s']:.1f} | "
+            f"{mib[0]} / {mib[1]} |"
+        )
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python -m benchmarks.report benchmarks/results/cpu-cpu.json
+    import json
+    import sys
+
+    data = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    print(f"Machine: {data['machine']}\n")
+    print(markdown_table(data["rows"]))
+    if data.get("model_rows"):
+        print()
+        print(markdown_model_table(data["model_rows"]))
