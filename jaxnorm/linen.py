@@ -51,7 +51,7 @@ __all__ = ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"]
 def _where(module: nn.Module) -> str:
     """``jaxnorm.linen.BatchNorm at '/Block_0/BatchNorm_0'``, for messages."""
     path = "/" + "/".join(str(p) for p in module.scope.path)
-    return f"jaxnorm.linen.{type(module).__name__} at {path!r}"
+    return f"{type(module).__module__}.{type(module).__name__} at {path!r}"
 
 
 @contextmanager
@@ -83,6 +83,71 @@ def _scale_and_bias(
     if use_bias and module.use_bias:
         bias = _fetch_param(module, "bias", module.bias_init, feature_shape, module.param_dtype)
     return scale, bias
+
+
+def _feature_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
+    """The shape of ``x`` at ``module.axis`` (the kept feature axes)."""
+    with _errors_at(module):
+        axes = _checks.canonical_axes(type(module).__name__, "axis", module.axis, jnp.ndim(x))
+    return tuple(x.shape[a] for a in axes)
+
+
+def _mode(
+    module: nn.Module, use_running_average: bool | None, stat: str = "mean"
+) -> tuple[bool, bool]:
+    """``(training, initializing)``, refusing a training call that cannot store its update
+    and an evaluation call without statistics (``stat`` is a ``batch_stats`` entry)."""
+    use_running_average = nn.merge_param(
+        "use_running_average", module.use_running_average, use_running_average
+    )
+    training = not use_running_average
+    initializing = module.is_initializing()
+    mutable = module.is_mutable_collection("batch_stats")
+    if training and not initializing and not mutable:
+        raise ValueError(
+            f"{_where(module)}: training (use_running_average=False) updates the running "
+            f"statistics, but the 'batch_stats' collection is immutable. Pass "
+            f"mutable=['batch_stats'] to apply and keep the returned updates: y, updates = "
+            f"model.apply(variables, x, mutable=['batch_stats']). To evaluate instead, pass "
+            f"use_running_average=True."
+        )
+    if not training and not mutable and not module.has_variable("batch_stats", stat):
+        raise ValueError(
+            f"{_where(module)}: evaluation (use_running_average=True) needs running "
+            f"statistics, but the variables hold no 'batch_stats' for this layer. Run "
+            f"model.init(...) first and pass all of its variables, e.g. "
+            f"model.apply({{'params': params, 'batch_stats': batch_stats}}, x)."
+        )
+    return training, initializing
+
+
+def _batch_stats(module: nn.Module, feature_shape: tuple[int, ...], with_count: bool):
+    """The ``batch_stats/{mean, var[, count]}`` variables and the BatchStats they hold."""
+    fresh = init_batch_stats(feature_shape)
+    mean = module.variable("batch_stats", "mean", lambda: fresh.mean)
+    var = module.variable("batch_stats", "var", lambda: fresh.var)
+    count = module.variable("batch_stats", "count", lambda: fresh.count) if with_count else None
+    stats = BatchStats(
+        mean.value, var.value, count.value if count is not None else jnp.zeros((), jnp.int32)
+    )
+    return (mean, var, count), stats
+
+
+def _store(variables, new: tuple) -> None:
+    """Write new values into the variables that exist (``None`` entries are skipped)."""
+    for variable, value in zip(variables, new, strict=True):
+        if variable is not None:
+            variable.value = value
+
+
+def _init_training(training: bool, x: jax.Array, feature_shape: tuple[int, ...]) -> bool:
+    """Whether ``init`` normalizes with batch statistics.
+
+    flax runs ``init`` without ``axis_name`` (the named axis may not exist yet); a
+    one-example init batch then has one value per feature, which the core refuses in
+    training, so such an ``init`` normalizes with the fresh statistics instead.
+    """
+    return training and math.prod(x.shape) > math.prod(feature_shape)
 
 
 class BatchNorm(nn.Module):
@@ -189,58 +254,19 @@ class BatchNorm(nn.Module):
             ``mutable=['batch_stats']``), evaluating with no ``batch_stats``, or
             variables that do not fit ``x`` (the core's message, with this module's path).
         """
-        use_running_average = nn.merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        training = not use_running_average
-        initializing = self.is_initializing()
-        stats_mutable = self.is_mutable_collection("batch_stats")
-        if training and not initializing and not stats_mutable:
-            raise ValueError(
-                f"{_where(self)}: training (use_running_average=False) "
-                f"updates the running statistics, but the 'batch_stats' collection is "
-                f"immutable. Pass mutable=['batch_stats'] to apply and keep the returned "
-                f"updates: y, updates = model.apply(variables, x, mutable=['batch_stats']). "
-                f"To evaluate instead, pass use_running_average=True."
-            )
-        if not training and not stats_mutable and not self.has_variable("batch_stats", "mean"):
-            raise ValueError(
-                f"{_where(self)}: evaluation (use_running_average=True) "
-                f"needs running statistics, but the variables hold no 'batch_stats' for this "
-                f"layer. Run model.init(...) first and pass all of its variables, e.g. "
-                f"model.apply({{'params': params, 'batch_stats': batch_stats}}, x)."
-            )
-
-        with _errors_at(self):
-            feature_axes = _checks.canonical_axes("BatchNorm", "axis", self.axis, jnp.ndim(x))
-        feature_shape = tuple(x.shape[a] for a in feature_axes)
-        tracks_count = self.momentum is None or self.track_count
-
-        def fresh() -> BatchStats:
-            return init_batch_stats(feature_shape)
-
-        ra_mean = self.variable("batch_stats", "mean", lambda: fresh().mean)
-        ra_var = self.variable("batch_stats", "var", lambda: fresh().var)
-        ra_count = (
-            self.variable("batch_stats", "count", lambda: fresh().count) if tracks_count else None
+        training, initializing = _mode(self, use_running_average)
+        feature_shape = _feature_shape(self, x)
+        variables, stats = _batch_stats(
+            self, feature_shape, with_count=self.momentum is None or self.track_count
         )
         scale, bias = _scale_and_bias(self, feature_shape)
-        stats = BatchStats(
-            mean=ra_mean.value,
-            var=ra_var.value,
-            count=ra_count.value if ra_count is not None else jnp.zeros((), jnp.int32),
-        )
-        # flax runs init without axis_name (the named axis may not exist yet); a
-        # single-example init batch then has one value per feature, which the core
-        # refuses in training, so init normalizes with the fresh statistics instead.
-        init_training = training and math.prod(x.shape) > math.prod(feature_shape)
         with _errors_at(self):
             y, new_stats = batch_norm(
                 x,
                 stats,
                 scale,
                 bias,
-                training=init_training if initializing else training,
+                training=_init_training(training, x, feature_shape) if initializing else training,
                 axis=self.axis,
                 momentum=self.momentum,
                 epsilon=self.epsilon,
@@ -252,10 +278,7 @@ class BatchNorm(nn.Module):
                 dtype=self.dtype,
             )
         if training and not initializing:
-            ra_mean.value = new_stats.mean
-            ra_var.value = new_stats.var
-            if ra_count is not None:
-                ra_count.value = new_stats.count
+            _store(variables, new_stats)
         return y
 
 

@@ -51,6 +51,11 @@ __all__ = ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"]
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
 
 
+def _name(module: nnx.Module) -> str:
+    """``jaxnorm.nnx.BatchNorm`` (or ``jaxnorm.variants_nnx.PowerNorm``), for messages."""
+    return f"{type(module).__module__}.{type(module).__name__}"
+
+
 @contextmanager
 def _errors_at(module: nnx.Module) -> Iterator[None]:
     """Prefix the core's ``ValueError``/``TypeError`` messages with the module's class."""
@@ -58,7 +63,7 @@ def _errors_at(module: nnx.Module) -> Iterator[None]:
         yield
     except (ValueError, TypeError) as e:
         if e.args and isinstance(e.args[0], str):
-            e.args = (f"jaxnorm.nnx.{type(module).__name__}: {e.args[0]}",)
+            e.args = (f"{_name(module)}: {e.args[0]}",)
         raise
 
 
@@ -81,7 +86,9 @@ def _fit(a: jax.Array | None, feature_shape: tuple[int, ...]) -> jax.Array | Non
 
     When they do not, the array passes unchanged and the core reports the misfit.
     """
-    if a is None or a.shape == feature_shape or a.size != math.prod(feature_shape):
+    if a is None or a.ndim != 1 or a.shape == feature_shape:
+        return a
+    if a.size != math.prod(feature_shape):
         return a
     return jnp.reshape(a, feature_shape)
 
@@ -92,7 +99,41 @@ def _feature_shape(module: nnx.Module, name: str, axes: Axes, x: jax.Array) -> t
     return tuple(x.shape[a] for a in canon)
 
 
-class BatchNorm(nnx.Module):
+def _training(module: nnx.Module, use_running_average: bool | None) -> bool:
+    """Whether this call trains, refusing a module whose mode was never set."""
+    mode = module.use_running_average if use_running_average is None else use_running_average
+    if mode is None:
+        raise ValueError(
+            f"{_name(module)}: the mode is not set (use_running_average=None), so it is "
+            f"unknown whether to train the running statistics or to use them. Call "
+            f"model.train() before training steps and model.eval() before evaluation, or "
+            f"pass use_running_average=False/True to the constructor or the call. (Unlike "
+            f"flax.nnx, jaxnorm does not default to training mode, which silently updates "
+            f"the statistics during what was meant as evaluation.)"
+        )
+    return not mode
+
+
+def _write(variable: nnx.Variable | None, value: jax.Array) -> None:
+    """Store a new value into a (possibly flat) variable, if the module has it."""
+    if variable is not None:
+        variable[...] = jnp.reshape(value, variable.shape)
+
+
+class _Moded(nnx.Module):
+    """The ``set_view`` hook shared by the layers with a train/eval mode."""
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Hook for ``nnx.view(model, use_running_average=...)`` (as flax).
+
+        Args:
+          use_running_average: the mode to set; ``None`` leaves it unchanged.
+        """
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
+
+
+class BatchNorm(_Moded):
     """Batch normalization; mirrors ``flax.nnx.BatchNorm``, numbers from :func:`jaxnorm.batch_norm`.
 
     .. math::
@@ -224,16 +265,7 @@ class BatchNorm(nnx.Module):
           ValueError: the mode is not set (call ``model.train()``/``model.eval()``),
             or the variables do not fit ``x`` (the core's message).
         """
-        mode = self.use_running_average if use_running_average is None else use_running_average
-        if mode is None:
-            raise ValueError(
-                "jaxnorm.nnx.BatchNorm: the mode is not set (use_running_average=None), so "
-                "it is unknown whether to train the running statistics or to use them. Call "
-                "model.train() before training steps and model.eval() before evaluation, or "
-                "pass use_running_average=False/True to the constructor or the call. (Unlike "
-                "flax.nnx, jaxnorm does not default to training mode, which silently updates "
-                "the statistics during what was meant as evaluation.)"
-            )
+        training = _training(self, use_running_average)
         feature_shape = _feature_shape(self, "axis", self.axis, x)
         count = _value(self.count)
         stats = BatchStats(
@@ -241,7 +273,6 @@ class BatchNorm(nnx.Module):
             var=_fit(self.var[...], feature_shape),
             count=jnp.zeros((), jnp.int32) if count is None else count,
         )
-        training = not mode
         with _errors_at(self):
             y, new_stats = batch_norm(
                 x,
@@ -260,20 +291,10 @@ class BatchNorm(nnx.Module):
                 dtype=self.dtype,
             )
         if training:
-            self.mean[...] = jnp.reshape(new_stats.mean, self.mean.shape)
-            self.var[...] = jnp.reshape(new_stats.var, self.var.shape)
-            if self.count is not None:
-                self.count[...] = new_stats.count
+            _write(self.mean, new_stats.mean)
+            _write(self.var, new_stats.var)
+            _write(self.count, new_stats.count)
         return y
-
-    def set_view(self, use_running_average: bool | None = None) -> None:
-        """Hook for ``nnx.view(model, use_running_average=...)`` (as flax).
-
-        Args:
-          use_running_average: the mode to set; ``None`` leaves it unchanged.
-        """
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
 
 
 class LayerNorm(nnx.Module):

@@ -23,9 +23,7 @@ say what to pass, and the core's errors are prefixed with the module's path.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -34,8 +32,17 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 from jax.nn import initializers
 
-from jaxnorm import _checks
-from jaxnorm.state import BatchStats, init_batch_stats
+from jaxnorm._checks import Axes
+from jaxnorm.linen import (
+    _batch_stats,
+    _errors_at,
+    _feature_shape,
+    _init_training,
+    _mode,
+    _scale_and_bias,
+    _store,
+    _where,
+)
 from jaxnorm.variants import (
     PowerNormStats,
     batch_renorm,
@@ -48,95 +55,6 @@ from jaxnorm.variants import (
 )
 
 __all__ = ["BatchRenorm", "FrozenBatchNorm", "GhostBatchNorm", "PowerNorm", "update_grad_stats"]
-
-Axes = int | Sequence[int]
-
-
-def _where(module: nn.Module) -> str:
-    path = "/" + "/".join(str(p) for p in module.scope.path)
-    return f"jaxnorm.variants_linen.{type(module).__name__} at {path!r}"
-
-
-@contextmanager
-def _errors_at(module: nn.Module) -> Iterator[None]:
-    """Prefix the core's ``ValueError``/``TypeError`` messages with the module's path."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        if e.args and isinstance(e.args[0], str):
-            e.args = (f"{_where(module)}: {e.args[0]}",)
-        raise
-
-
-def _feature_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
-    with _errors_at(module):
-        axes = _checks.canonical_axes(type(module).__name__, "axis", module.axis, jnp.ndim(x))
-    return tuple(x.shape[a] for a in axes)
-
-
-def _scale_and_bias(module: nn.Module, feature_shape: tuple[int, ...]):
-    """``params/scale`` and ``params/bias`` (fetched without flax's shape check, so that
-    a misfit gets the core's message)."""
-
-    def fetch(name: str, init: Initializer) -> jax.Array:
-        if module.has_variable("params", name):
-            return nn.meta.unbox(module.get_variable("params", name))
-        return module.param(name, init, feature_shape, module.param_dtype)
-
-    scale = fetch("scale", module.scale_init) if module.use_scale else None
-    bias = fetch("bias", module.bias_init) if module.use_bias else None
-    return scale, bias
-
-
-def _mode(module: nn.Module, use_running_average: bool | None, stat: str) -> tuple[bool, bool]:
-    """``(training, initializing)``, refusing a training call that cannot store its update
-    and an evaluation call without statistics (as ``jaxnorm.linen.BatchNorm``)."""
-    use_running_average = nn.merge_param(
-        "use_running_average", module.use_running_average, use_running_average
-    )
-    training = not use_running_average
-    initializing = module.is_initializing()
-    mutable = module.is_mutable_collection("batch_stats")
-    if training and not initializing and not mutable:
-        raise ValueError(
-            f"{_where(module)}: training (use_running_average=False) updates the running "
-            f"statistics, but the 'batch_stats' collection is immutable. Pass "
-            f"mutable=['batch_stats'] to apply and keep the returned updates: y, updates = "
-            f"model.apply(variables, x, mutable=['batch_stats']). To evaluate instead, pass "
-            f"use_running_average=True."
-        )
-    if not training and not mutable and not module.has_variable("batch_stats", stat):
-        raise ValueError(
-            f"{_where(module)}: evaluation (use_running_average=True) needs running "
-            f"statistics, but the variables hold no 'batch_stats' for this layer. Run "
-            f"model.init(...) first and pass all of its variables, e.g. "
-            f"model.apply({{'params': params, 'batch_stats': batch_stats}}, x)."
-        )
-    return training, initializing
-
-
-def _batch_stats(module: nn.Module, feature_shape: tuple[int, ...], with_count: bool):
-    """The ``batch_stats/{mean, var[, count]}`` variables and the BatchStats they hold."""
-    fresh = init_batch_stats(feature_shape)
-    mean = module.variable("batch_stats", "mean", lambda: fresh.mean)
-    var = module.variable("batch_stats", "var", lambda: fresh.var)
-    count = module.variable("batch_stats", "count", lambda: fresh.count) if with_count else None
-    stats = BatchStats(
-        mean.value, var.value, count.value if count is not None else jnp.zeros((), jnp.int32)
-    )
-    return (mean, var, count), stats
-
-
-def _store(variables, new: tuple) -> None:
-    for variable, value in zip(variables, new, strict=True):
-        if variable is not None:
-            variable.value = value
-
-
-def _init_training(training: bool, x: jax.Array, feature_shape: tuple[int, ...]) -> bool:
-    # As jaxnorm.linen.BatchNorm: a one-example init batch (one value per feature) is
-    # normalized with the fresh statistics instead of being refused.
-    return training and math.prod(x.shape) > math.prod(feature_shape)
 
 
 class BatchRenorm(nn.Module):

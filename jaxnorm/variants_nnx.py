@@ -21,10 +21,7 @@ it, and a value passed to ``__call__`` takes precedence.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from types import MappingProxyType
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -32,7 +29,17 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
 
-from jaxnorm import _checks
+from jaxnorm._checks import Axes
+from jaxnorm.nnx import (
+    _NO_METADATA,
+    _errors_at,
+    _feature_shape,
+    _fit,
+    _Moded,
+    _training,
+    _value,
+    _write,
+)
 from jaxnorm.state import BatchStats, init_batch_stats
 from jaxnorm.variants import (
     PowerNormStats,
@@ -53,42 +60,10 @@ __all__ = [
     "update_grad_stats",
 ]
 
-Axes = int | Sequence[int]
-_NO_METADATA: Mapping[str, Any] = MappingProxyType({})
-
 
 class PowerNormGradStat(nnx.BatchStat):
     """PowerNorm's running gradient statistic ``nu``: a ``BatchStat`` that is updated
     from its gradient (:func:`update_grad_stats`), hence a type of its own to filter on."""
-
-
-@contextmanager
-def _errors_at(module: nnx.Module) -> Iterator[None]:
-    """Prefix the core's ``ValueError``/``TypeError`` messages with the module's class."""
-    try:
-        yield
-    except (ValueError, TypeError) as e:
-        if e.args and isinstance(e.args[0], str):
-            e.args = (f"jaxnorm.variants_nnx.{type(module).__name__}: {e.args[0]}",)
-        raise
-
-
-def _value(variable: nnx.Variable | None) -> jax.Array | None:
-    return None if variable is None else variable[...]
-
-
-def _fit(a: jax.Array | None, feature_shape: tuple[int, ...]) -> jax.Array | None:
-    """A flat ``(num_features,)`` variable reshaped to the feature shape when sizes agree
-    (otherwise passed unchanged, for the core to report the misfit)."""
-    if a is None or a.shape == feature_shape or a.size != math.prod(feature_shape):
-        return a
-    return jnp.reshape(a, feature_shape)
-
-
-def _feature_shape(module: nnx.Module, x: jax.Array) -> tuple[int, ...]:
-    with _errors_at(module):
-        axes = _checks.canonical_axes(type(module).__name__, "axis", module.axis, jnp.ndim(x))
-    return tuple(x.shape[a] for a in axes)
 
 
 def _scale_and_bias(
@@ -109,37 +84,6 @@ def _scale_and_bias(
 
     module.scale = make(scale_init, scale_metadata) if use_scale else nnx.data(None)
     module.bias = make(bias_init, bias_metadata) if use_bias else nnx.data(None)
-
-
-def _training(module: nnx.Module, use_running_average: bool | None) -> bool:
-    mode = module.use_running_average if use_running_average is None else use_running_average
-    if mode is None:
-        raise ValueError(
-            f"jaxnorm.variants_nnx.{type(module).__name__}: the mode is not set "
-            f"(use_running_average=None), so it is unknown whether to train the running "
-            f"statistics or to use them. Call model.train() before training steps and "
-            f"model.eval() before evaluation, or pass use_running_average=False/True to the "
-            f"constructor or the call."
-        )
-    return not mode
-
-
-def _write(variable: nnx.Variable | None, value: jax.Array) -> None:
-    if variable is not None:
-        variable[...] = jnp.reshape(value, variable.shape)
-
-
-class _Moded(nnx.Module):
-    """The ``set_view`` hook shared by the layers with a train/eval mode."""
-
-    def set_view(self, use_running_average: bool | None = None) -> None:
-        """Hook for ``nnx.view(model, use_running_average=...)`` (as flax).
-
-        Args:
-          use_running_average: the mode to set; ``None`` leaves it unchanged.
-        """
-        if use_running_average is not None:
-            self.use_running_average = use_running_average
 
 
 class BatchRenorm(_Moded):
@@ -267,7 +211,7 @@ class BatchRenorm(_Moded):
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
         training = _training(self, use_running_average)
-        fs = _feature_shape(self, x)
+        fs = _feature_shape(self, "axis", self.axis, x)
         stats = BatchStats(_fit(self.mean[...], fs), _fit(self.var[...], fs), self.count[...])
         r_max, d_max = self.r_max, self.d_max
         with _errors_at(self):
@@ -414,7 +358,7 @@ class PowerNorm(_Moded):
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
         training = _training(self, use_running_average)
-        fs = _feature_shape(self, x)
+        fs = _feature_shape(self, "axis", self.axis, x)
         stats = PowerNormStats(
             _fit(self.mean_square[...], fs), _fit(self.grad_stat[...], fs), self.count[...]
         )
@@ -572,7 +516,7 @@ class GhostBatchNorm(_Moded):
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
         training = _training(self, use_running_average)
-        fs = _feature_shape(self, x)
+        fs = _feature_shape(self, "axis", self.axis, x)
         count = _value(self.count)
         stats = BatchStats(
             _fit(self.mean[...], fs),
@@ -685,7 +629,7 @@ class FrozenBatchNorm(nnx.Module):
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
         del use_running_average, mask
-        fs = _feature_shape(self, x)
+        fs = _feature_shape(self, "axis", self.axis, x)
         stats = BatchStats(_fit(self.mean[...], fs), _fit(self.var[...], fs), jnp.int32(0))
         with _errors_at(self):
             y, _ = frozen_batch_norm(
