@@ -136,6 +136,7 @@ def check_param_shape(fn: str, name: str, value: Any, expected: tuple[int, ...],
     """Refuse a scale/bias whose shape differs from the feature shape."""
     if value is None:
         return
+    check_floating(fn, value, name)
     shape = tuple(jnp.shape(value))
     if shape != tuple(expected):
         raise ValueError(
@@ -208,3 +209,20 @@ def check_stats(fn: str, stats: Any, feature_shape: tuple[int, ...], desc: str) 
             f"{tuple(jnp.shape(stats.count))}. Create the stats with "
             f"jaxnorm.init_batch_stats({tuple(feature_shape)})."
         )
+
+
+def feature_shape_tuple(fn: str, feature_shape: Any) -> tuple[int, ...]:
+    """An int or a sequence of ints (NumPy ints too) as a shape tuple, or a clear error."""
+    if isinstance(feature_shape, (int, np.integer)) and not isinstance(feature_shape, bool):
+        feature_shape = (feature_shape,)
+    try:
+        shape = tuple(int(s) for s in feature_shape)
+        ok = all(s >= 0 for s in shape) and not any(isinstance(s, bool) for s in feature_shape)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"{fn}: feature_shape must be an int or a tuple of non-negative ints; got "
+            f"{feature_shape!r}. Pass e.g. (64,) for 64 channels."
+        )
+    return shape

@@ -61,23 +61,58 @@ def _normalize(
     *,
     epsilon: float,
     out_dtype: jnp.dtype,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` in >= f32, cast to out_dtype.
 
     ``mean``/``var``/``scale``/``bias`` are already broadcastable to ``x``;
-    ``mean=None`` skips the centering (RMS normalization).
+    ``mean=None`` skips the centering (RMS normalization). With a ``mask``, see
+    :func:`mask_safe`.
     """
-    sd = stat_dtype(x.dtype)
-    mul = lax.rsqrt(var.astype(sd) + epsilon)
-    if scale is not None:
-        mul = mul * scale.astype(sd)
-    y = x.astype(sd)
-    if mean is not None:
-        y = y - mean.astype(sd)
-    y = y * mul
-    if bias is not None:
-        y = y + bias.astype(sd)
-    return y.astype(out_dtype)
+
+    def affine(x, mean, var, scale, bias):
+        sd = stat_dtype(x.dtype)
+        mul = lax.rsqrt(var.astype(sd) + epsilon)
+        if scale is not None:
+            mul = mul * scale.astype(sd)
+        y = x.astype(sd)
+        if mean is not None:
+            y = y - mean.astype(sd)
+        y = y * mul
+        if bias is not None:
+            y = y + bias.astype(sd)
+        return y.astype(out_dtype)
+
+    return mask_safe(affine, x, mask, mean, var, scale, bias)
+
+
+def mask_safe(apply: Any, x: jax.Array, mask: jax.Array | None, *params: Any) -> jax.Array:
+    """``apply(x, *params)``, with masked-out elements unable to poison any gradient.
+
+    Masked-out elements are still transformed (same values), but through a copy of
+    ``apply`` whose ``params`` (statistics, scale, bias) are held constant, while the
+    valid elements go through ``apply`` on an input whose masked-out entries are
+    replaced by 0 (the "double where"). So padding that holds NaN or Inf yields NaN
+    outputs only where it stands, and the gradients of valid elements, statistics and
+    parameters stay finite. The price is a convention: masked-out outputs pass no
+    gradient to the statistics or parameters (only to their own ``x``), which is exact
+    whenever the loss ignores them, as it should ignore padding.
+
+    Args:
+      apply: ``apply(x, *params) -> y``, elementwise in ``x``.
+      x: the input.
+      mask: boolean, broadcastable to ``x``, or ``None`` (then just ``apply``).
+      *params: arrays (or ``None``) broadcastable to ``x``.
+
+    Returns:
+      ``apply``'s output.
+    """
+    if mask is None:
+        return apply(x, *params)
+    m = jnp.broadcast_to(mask, x.shape)
+    valid = apply(jnp.where(m, x, jnp.zeros_like(x)), *params)
+    held = [None if p is None else lax.stop_gradient(p) for p in params]
+    return jnp.where(m, valid, apply(x, *held))
 
 
 def _can_fuse(mask: Any, axis_name: Any, epsilon: Any) -> bool:
@@ -237,9 +272,11 @@ def batch_norm(
         the batch is split; statistics are merged exactly across it.
       axis_index_groups: device groups for the cross-device reduction (``lax.psum``).
       mask: optional boolean array broadcastable to ``x``; ``False`` elements do not
-        enter the statistics (they are still normalized). A feature with no valid
-        element in the batch is normalized with its running statistics, which it
-        leaves unchanged; a batch with none at all leaves ``stats`` untouched.
+        enter the statistics and may hold anything, NaN included (they are still
+        normalized, but pass no gradient to the statistics or parameters; see
+        :func:`mask_safe`). A feature with no valid element in the batch is normalized
+        with its running statistics, which it leaves unchanged; a batch with none at
+        all leaves ``stats`` untouched.
       unbiased_running_var: store the Bessel-corrected batch variance in the running
         average (torch's convention).
       skip_nonfinite: keep the running statistics of a feature whose batch statistics
@@ -321,7 +358,9 @@ def batch_norm(
             has_data = batch.count > 0
             mean = jnp.where(has_data, mean, lax.stop_gradient(running_mean))
             var = jnp.where(has_data, var, lax.stop_gradient(running_var))
-        y = _normalize(x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype)
+        y = _normalize(
+            x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype, mask=mask
+        )
     batch_flat = Moments(*(jnp.reshape(lax.stop_gradient(f), feature_shape) for f in batch))
     new_stats = update_batch_stats(
         stats,
@@ -331,6 +370,17 @@ def batch_norm(
         skip_nonfinite=skip_nonfinite,
     )
     return y, new_stats
+
+
+def _pass_through_empty(count, mean, var):
+    """A group with no valid element (all masked out) gets mean 0 and variance 1.
+
+    Its elements then pass through as ``x * scale + bias`` (up to ``1/sqrt(1 + eps)``)
+    instead of being blown up by ``1/sqrt(epsilon)``.
+    """
+    empty = count == 0
+    mean = None if mean is None else jnp.where(empty, 0.0, mean)
+    return mean, jnp.where(empty, 1.0, var)
 
 
 def _standardize(
@@ -368,13 +418,16 @@ def _standardize(
         m = moments(
             x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
         )
-        mean, var = m.mean, m.var
+        count, mean, var = m.count, m.mean, m.var
     else:
-        _, var = mean_square(
+        count, var = mean_square(
             x, reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
         )
         mean = None
-    return _normalize(x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype)
+    mean, var = _pass_through_empty(count, mean, var)
+    return _normalize(
+        x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype, mask=mask
+    )
 
 
 def layer_norm(
@@ -411,7 +464,10 @@ def layer_norm(
       feature_axis: axes carrying ``scale``/``bias``; default ``axis``.
       epsilon: added to the variance, >= 0.
       mask: optional boolean array broadcastable to ``x``; ``False`` elements do not
-        enter the statistics (they are still normalized).
+        enter the statistics and may hold anything, NaN included (they are still
+        normalized, but pass no gradient to the statistics or parameters; see
+        :func:`mask_safe`). A group with no valid element passes through with mean 0
+        and variance 1.
       dtype: output dtype; ``None`` keeps ``x.dtype``.
       axis_name: optional named axis to also reduce across (rarely needed).
       axis_index_groups: device groups for ``axis_name``.
@@ -474,7 +530,8 @@ def rms_norm(
 
         y = \\frac{x}{\\sqrt{\\mathrm{E}_{axis}[x^2] + \\epsilon}}\\,\\gamma
 
-    torch's ``nn.RMSNorm`` defaults ``eps`` to ``finfo(dtype).eps``; flax uses 1e-6.
+    torch's ``nn.RMSNorm`` defaults ``eps`` to ``finfo(float32).eps`` (float64's for
+    float64 layers; half-precision layers compute in float32); flax uses 1e-6.
 
     Args:
       x: floating input.
@@ -706,12 +763,14 @@ def group_norm(
 
     scale_b = _broadcast_param(scale, x.ndim, (channel,), x.shape)
     bias_b = _broadcast_param(bias, x.ndim, (channel,), x.shape)
+    mean, var = _pass_through_empty(m.count, m.mean, m.var)
     return _normalize(
         x,
-        per_channel(m.mean),
-        per_channel(m.var),
+        per_channel(mean),
+        per_channel(var),
         scale_b,
         bias_b,
         epsilon=epsilon,
         out_dtype=out_dtype,
+        mask=mask,
     )

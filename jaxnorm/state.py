@@ -22,6 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxnorm import _checks
 from jaxnorm.stats import Moments
 
 
@@ -54,9 +55,7 @@ def init_batch_stats(
       >>> s.mean.tolist(), s.var.tolist(), int(s.count)
       ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0], 0)
     """
-    if isinstance(feature_shape, int):
-        feature_shape = (feature_shape,)
-    shape = tuple(int(s) for s in feature_shape)
+    shape = _checks.feature_shape_tuple("init_batch_stats", feature_shape)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"init_batch_stats: dtype must be floating; got {jnp.dtype(dtype)}. Pass "
@@ -88,7 +87,9 @@ def update_batch_stats(
     where the batch variance is ``M2/n`` or, with ``unbiased_running_var``,
     ``M2/(n-1)``. Features whose batch count is 0 keep their old values, and
     ``count`` only advances if some feature saw data, so an empty mask never
-    writes NaN.
+    writes NaN. ``count`` is one scalar for all features: with ``momentum=None`` and
+    a per-feature mask that empties some features on some steps, those features are
+    averaged with the shared step count (keep per-feature masks for momentum decay).
 
     Args:
       stats: the running statistics.
@@ -103,6 +104,7 @@ def update_batch_stats(
     Returns:
       The new :class:`BatchStats` (same dtypes as ``stats``).
     """
+    _checks.check_momentum("update_batch_stats", momentum)
     n = batch.count
     has_data = n > 0
     if skip_nonfinite:

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnorm import _checks
+
 AxisName = Hashable | tuple[Hashable, ...]
 
 
@@ -70,6 +72,13 @@ def stat_dtype(dtype: Any) -> jnp.dtype:
 
 def _safe_div(a: jax.Array, n: jax.Array) -> jax.Array:
     return a / jnp.maximum(n, 1.0)
+
+
+def _public_axes(fn: str, x: jax.Array, axes: Any, mask: Any) -> tuple[int, ...]:
+    """Validate the public entry points' input; canonical axes (sorted, non-negative)."""
+    _checks.check_floating(fn, x)
+    _checks.check_mask(fn, mask, jnp.shape(x))
+    return _checks.canonical_axes(fn, "axes", axes, jnp.ndim(x))
 
 
 _SHIFT_SAMPLES = 8
@@ -111,7 +120,7 @@ def moments(
 
     Args:
       x: floating input of any shape.
-      axes: canonical (non-negative, sorted, unique) axes to reduce.
+      axes: the axis or axes to reduce (negative values count from the end).
       mask: optional boolean array broadcastable to ``x``; ``False`` elements are
         ignored, whatever value (even NaN) they hold.
       axis_name: optional named axis (or tuple of names) of ``shard_map``/``pmap``/
@@ -124,6 +133,7 @@ def moments(
     Returns:
       A :class:`Moments` in ``promote(x.dtype, float32)``.
     """
+    axes = _public_axes("moments", x, axes, mask)
     sd = stat_dtype(x.dtype)
     xs = x.astype(sd)
     if mask is None:
@@ -205,6 +215,27 @@ def psum_moments(
     return Moments(count, mean, m2)
 
 
+def reduce_moments(m: Moments, axis: int) -> Moments:
+    """Merge the moments of disjoint groups stacked along ``axis`` (exact, as Chan).
+
+    .. math::
+
+        N = \\sum_k n_k,\\quad \\mu = \\frac{1}{N}\\sum_k n_k\\mu_k,\\quad
+        M_2 = \\sum_k \\left(M_{2,k} + n_k(\\mu_k - \\mu)^2\\right)
+
+    Args:
+      m: moments with the groups along ``axis``.
+      axis: the axis to merge away.
+
+    Returns:
+      The merged :class:`Moments`, without ``axis``.
+    """
+    count = jnp.sum(m.count, axis=axis, keepdims=True)
+    mean = _safe_div(jnp.sum(m.count * m.mean, axis=axis, keepdims=True), count)
+    m2 = jnp.sum(m.m2 + m.count * jnp.square(m.mean - mean), axis=axis, keepdims=True)
+    return Moments(*(jnp.squeeze(f, axis=axis) for f in (count, mean, m2)))
+
+
 def merge_moments(a: Moments, b: Moments) -> Moments:
     """Merge the moments of two disjoint groups (Chan et al.'s pairwise update).
 
@@ -226,6 +257,16 @@ def merge_moments(a: Moments, b: Moments) -> Moments:
       Chan, Golub, LeVeque (1979), "Updating formulae and a pairwise algorithm for
       computing sample variances".
     """
+    shapes = {
+        name: jnp.shape(f)
+        for m, side in ((a, "a"), (b, "b"))
+        for name, f in ((f"{side}.{k}", getattr(m, k)) for k in ("count", "mean", "m2"))
+    }
+    if len(set(shapes.values())) != 1:
+        raise ValueError(
+            f"merge_moments: all fields of a and b must share one shape (the groups being "
+            f"merged); got {shapes}. Compute both with the same axes and keepdims."
+        )
     n = a.count + b.count
     delta = b.mean - a.mean
     frac_b = _safe_div(b.count, n)
@@ -250,7 +291,7 @@ def mean_square(
 
     Args:
       x: floating input.
-      axes: canonical axes to reduce (kept as size 1).
+      axes: the axis or axes to reduce (kept as size 1).
       mask: optional boolean array broadcastable to ``x``.
       axis_name: optional named axis to reduce across devices.
       axis_index_groups: optional device groups, as in ``lax.psum``.
@@ -259,6 +300,7 @@ def mean_square(
       ``(count, nu)``, both with the reduced axes kept as size 1; ``nu`` is 0 where
       ``count == 0``.
     """
+    axes = _public_axes("mean_square", x, axes, mask)
     sd = stat_dtype(x.dtype)
     xs = x.astype(sd)
     if mask is None:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm import _checks
+from jaxnorm import _checks, variants_linen
 from jaxnorm import linen as jnn
 from jaxnorm._checks import Axes
 from jaxnorm.state import BatchStats, init_batch_stats, update_batch_stats
@@ -122,9 +122,7 @@ def empty_moments(feature_shape: int | Sequence[int], dtype: Any = jnp.float32) 
     Returns:
       A :class:`jaxnorm.Moments` of zeros.
     """
-    if isinstance(feature_shape, int):
-        feature_shape = (feature_shape,)
-    zeros = jnp.zeros(tuple(feature_shape), dtype)
+    zeros = jnp.zeros(_checks.feature_shape_tuple("empty_moments", feature_shape), dtype)
     return Moments(zeros, zeros, zeros)
 
 
@@ -353,6 +351,19 @@ def _nest(flat: Mapping[Path, Any]) -> Any:
     return out
 
 
+_UNSUPPORTED = (
+    variants_linen.BatchRenorm,
+    variants_linen.GhostBatchNorm,
+    variants_linen.PowerNorm,
+)
+
+
+def _trains(module: Any, args: tuple, kwargs: dict) -> bool:
+    call_ura = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    mode = module.use_running_average if call_ura is None else call_ura
+    return mode is not None and not mode
+
+
 class _Recorder:
     """A method interceptor that records each training-mode batch norm's input moments."""
 
@@ -365,6 +376,15 @@ class _Recorder:
         module = context.module
         if context.method_name == "__call__" and isinstance(module, self.types):
             self._record(module, args, kwargs)
+        elif context.method_name == "__call__" and isinstance(module, _UNSUPPORTED):
+            if not module.is_initializing() and _trains(module, args, kwargs):
+                raise NotImplementedError(
+                    f"jaxnorm.tools: {type(module).__name__} at "
+                    f"'/{'/'.join(str(p) for p in module.scope.path)}' trains in this call, "
+                    f"but microbatch accumulation and recompute_batch_stats only handle "
+                    f"BatchNorm layers, so its running statistics would silently not update. "
+                    f"Use BatchNorm there, or update this layer outside these helpers."
+                )
         return next_fun(*args, **kwargs)
 
     def _record(self, module: Any, args: tuple, kwargs: dict) -> None:

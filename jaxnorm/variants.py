@@ -31,9 +31,17 @@ from jax import lax
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
-from jaxnorm.functional import batch_norm
+from jaxnorm.functional import batch_norm, mask_safe
 from jaxnorm.state import BatchStats, update_batch_stats
-from jaxnorm.stats import AxisName, Moments, mean_square, moments, psum_moments, stat_dtype
+from jaxnorm.stats import (
+    AxisName,
+    Moments,
+    mean_square,
+    moments,
+    psum_moments,
+    reduce_moments,
+    stat_dtype,
+)
 
 __all__ = [
     "PowerNormStats",
@@ -360,7 +368,7 @@ def batch_renorm(
         add = add * scale_b
     if bias_b is not None:
         add = add + bias_b
-    y = _affine(x, mean, mul, add, lay.out_dtype)
+    y = mask_safe(lambda x, m, k, a: _affine(x, m, k, a, lay.out_dtype), x, mask, mean, mul, add)
     flat = Moments(*(jnp.reshape(lax.stop_gradient(f), lay.feature_shape) for f in batch))
     new_stats = update_batch_stats(
         stats, flat, momentum=momentum, unbiased_running_var=unbiased_running_var
@@ -403,9 +411,7 @@ def init_power_norm_stats(
       >>> s.mean_square.tolist(), s.grad_stat.tolist(), int(s.count)
       ([1.0, 1.0], [0.0, 0.0], 0)
     """
-    if isinstance(feature_shape, (int, np.integer)):
-        feature_shape = (int(feature_shape),)
-    shape = tuple(int(s) for s in feature_shape)
+    shape = _checks.feature_shape_tuple("init_power_norm_stats", feature_shape)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(
             f"init_power_norm_stats: dtype must be floating; got {jnp.dtype(dtype)}. Pass "
@@ -487,9 +493,12 @@ def _power_norm_train_bwd(cfg, res, dy):
     x_hat = x.astype(rstd.dtype) * rstd
     g = dy if scale_b is None else dy * scale_b  # dL/dx_hat
     w = jnp.broadcast_to(weight, x.shape)
+    valid = w > 0
+    # Selections, not products with w: masked-out padding may hold NaN/Inf.
+    x_hat = jnp.where(valid, x_hat, 0.0)
     n = jnp.sum(w, axis=axes, keepdims=True)
-    s_gamma = jnp.sum(w * x_hat * x_hat, axis=axes, keepdims=True)
-    s_lambda = jnp.sum(w * g * x_hat, axis=axes, keepdims=True)
+    s_gamma = jnp.sum(x_hat * x_hat, axis=axes, keepdims=True)
+    s_lambda = jnp.sum(jnp.where(valid, g, 0.0) * x_hat, axis=axes, keepdims=True)
     if cfg.axis_name is not None:
         n, s_gamma, s_lambda = lax.psum(
             (n, s_gamma, s_lambda), cfg.axis_name, axis_index_groups=cfg.axis_index_groups
@@ -498,13 +507,14 @@ def _power_norm_train_bwd(cfg, res, dy):
     big_lambda = s_lambda / jnp.maximum(n, 1.0)  # mean of dL/dx_hat * x_hat
     increment = (1.0 - cfg.grad_momentum) * (big_lambda - nu * big_gamma)
     increment = jnp.where(n > 0, increment, 0.0).astype(nu.dtype)
-    x_tilde = g - w * nu * x_hat  # the intermediate estimated gradient
+    x_tilde = g - nu * x_hat  # the intermediate estimated gradient (x_hat is 0 off-mask)
     dx = (x_tilde * rstd).astype(x.dtype)
     dscale = dbias = None
+    dy_valid = jnp.where(valid, dy, 0.0)
     if scale_b is not None:
-        dscale = jnp.sum(dy * x_hat, axis=axes, keepdims=True).astype(scale_b.dtype)
+        dscale = jnp.sum(dy_valid * x_hat, axis=axes, keepdims=True).astype(scale_b.dtype)
     if bias_b is not None:
-        dbias = jnp.sum(dy, axis=axes, keepdims=True).astype(bias_b.dtype)
+        dbias = jnp.sum(dy_valid, axis=axes, keepdims=True).astype(bias_b.dtype)
     return dx, dscale, dbias, jnp.zeros_like(rstd), increment, jnp.zeros_like(weight)
 
 
@@ -801,6 +811,20 @@ def ghost_batch_norm(
     lay = _layout(fn, x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype)
     _checks.check_stats(fn, stats, lay.feature_shape, lay.desc)
     _checks.check_momentum(fn, momentum)
+    sd = stat_dtype(x.dtype)
+    scale_b = _feature(scale, lay.bshape, sd)
+    bias_b = _feature(bias, lay.bshape, sd)
+    run_mean = _feature(stats.mean, lay.bshape, sd)
+    run_var = _feature(stats.var, lay.bshape, sd)
+
+    if not training:
+        mul = lax.rsqrt(run_var + epsilon)
+        if scale_b is not None:
+            mul = mul * scale_b
+        return _affine(x, run_mean, mul, bias_b, lay.out_dtype), stats
+
+    # The virtual-batch checks concern training only: evaluation and init batches of
+    # any size are fine.
     if 0 in lay.feature_axes:
         raise ValueError(
             f"{fn}: axis={axis!r} makes axis 0 of x {tuple(x.shape)} a feature axis, but axis "
@@ -817,18 +841,6 @@ def ghost_batch_norm(
             f"{divisors}; or pad/trim the batch to a multiple of {v!r}."
         )
     v = int(v)
-    sd = stat_dtype(x.dtype)
-    scale_b = _feature(scale, lay.bshape, sd)
-    bias_b = _feature(bias, lay.bshape, sd)
-    run_mean = _feature(stats.mean, lay.bshape, sd)
-    run_var = _feature(stats.var, lay.bshape, sd)
-
-    if not training:
-        mul = lax.rsqrt(run_var + epsilon)
-        if scale_b is not None:
-            mul = mul * scale_b
-        return _affine(x, run_mean, mul, bias_b, lay.out_dtype), stats
-
     _check_one_value(fn, lay, lay.n // batch_size * v, axis, x.shape, "virtual batch")
     k = batch_size // v
     gshape = (k, v) + tuple(x.shape[1:])
@@ -844,14 +856,16 @@ def ghost_batch_norm(
     mul = lax.rsqrt(var + epsilon)
     if scale_b is not None:
         mul = mul * scale_b
-    y = jnp.reshape(_affine(x_g, mean, mul, bias_b, lay.out_dtype), x.shape)
+    y = jnp.reshape(
+        mask_safe(
+            lambda x, m, k, b: _affine(x, m, k, b, lay.out_dtype), x_g, mask_g, mean, mul, bias_b
+        ),
+        x.shape,
+    )
 
     # Exact merge of the k virtual batches (Chan): the moments of the whole batch.
     per = Moments(*(lax.stop_gradient(f) for f in per))
-    count = jnp.sum(per.count, axis=0)
-    merged_mean = jnp.sum(per.count * per.mean, axis=0) / jnp.maximum(count, 1.0)
-    m2 = jnp.sum(per.m2 + per.count * jnp.square(per.mean - merged_mean), axis=0)
-    merged = Moments(count, merged_mean, m2)
+    merged = reduce_moments(per, 0)
     if axis_name is not None:
         merged = psum_moments(merged, axis_name, axis_index_groups=axis_index_groups)
     flat = Moments(*(jnp.reshape(f, lay.feature_shape) for f in merged))

@@ -273,9 +273,11 @@ def test_jit_does_not_retrace_on_same_shapes():
     "f",
     [
         lambda x, s, b: jaxnorm.batch_norm(x, jaxnorm.init_batch_stats(3), s, b, training=True)[0],
+        # Masked-out rows pass no gradient to the statistics (mask_safe): differentiate
+        # the valid rows, the only ones a loss should read.
         lambda x, s, b: jaxnorm.batch_norm(
             x, jaxnorm.init_batch_stats(3), s, b, training=True, mask=jnp.arange(4)[:, None] < 3
-        )[0],
+        )[0][:3],
         lambda x, s, b: jaxnorm.layer_norm(x, s, b),
         lambda x, s, b: jaxnorm.rms_norm(x, s) + b,
         lambda x, s, b: jaxnorm.group_norm(x[None], s, b, num_groups=3)[0],
@@ -478,3 +480,52 @@ def test_instance_norm_several_channel_axes_equals_layer_norm_over_the_rest():
     y = jaxnorm.instance_norm(x, s, axis=(1, 3))
     ref, _, _ = np_standardize(np.asarray(x), (2,), eps=1e-6)
     np.testing.assert_allclose(np.asarray(y), ref * np.asarray(s)[None, :, None, :], **TOL)
+
+
+@pytest.mark.parametrize("fn", ["batch_norm", "layer_norm", "rms_norm", "group_norm"])
+def test_nan_padding_never_poisons_gradients_of_valid_elements(fn):
+    rng = np.random.default_rng(40)
+    x = rng.normal(1.0, 2.0, (6, 8)).astype(np.float32)
+    mask = np.ones((6, 8), bool)
+    mask[4:, :] = False  # two padding rows
+    if fn != "batch_norm":
+        mask[1, 5:] = False  # and a padded tail inside a row
+    x_pad = jnp.asarray(np.where(mask, x, np.nan))
+    scale, bias = jnp.linspace(0.5, 1.5, 8), jnp.linspace(-0.2, 0.2, 8)
+
+    def f(x, scale, bias):
+        if fn == "batch_norm":
+            return jaxnorm.batch_norm(
+                x, jaxnorm.init_batch_stats(8), scale, bias, training=True, mask=mask
+            )[0]
+        if fn == "layer_norm":
+            return jaxnorm.layer_norm(x, scale, bias, mask=mask)
+        if fn == "rms_norm":
+            return jaxnorm.rms_norm(x, scale, mask=mask) + bias
+        return jaxnorm.group_norm(x, scale, bias, num_groups=2, mask=mask)
+
+    def loss(x, scale, bias):
+        # Select before any nonlinearity, so the loss itself is NaN-safe.
+        return jnp.sum(jnp.sin(jnp.where(mask, f(x, scale, bias), 0.0)))
+
+    grads = jax.grad(loss, (0, 1, 2))(x_pad, scale, bias)
+    assert all(
+        np.isfinite(np.asarray(g)[mask] if g.shape == mask.shape else g).all() for g in grads
+    )
+    # Same gradients as with finite padding: padding values do not matter.
+    ref = jax.grad(loss, (0, 1, 2))(jnp.asarray(np.where(mask, x, 123.0)), scale, bias)
+    np.testing.assert_allclose(np.asarray(grads[0])[mask], np.asarray(ref[0])[mask], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads[1]), np.asarray(ref[1]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grads[2]), np.asarray(ref[2]), atol=1e-5)
+    # The valid outputs equal those computed on the valid elements alone.
+    y = np.asarray(f(x_pad, scale, bias))
+    assert np.isfinite(y[mask]).all()
+
+
+def test_fully_masked_group_passes_through_instead_of_blowing_up():
+    x = jnp.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = jnp.array([[True, True, True], [False, False, False]])
+    y = jaxnorm.layer_norm(x, mask=mask, epsilon=0.0)
+    np.testing.assert_allclose(np.asarray(y[1]), [4.0, 5.0, 6.0], rtol=1e-6)
+    y = jaxnorm.rms_norm(x, mask=mask, epsilon=0.0)
+    np.testing.assert_allclose(np.asarray(y[1]), [4.0, 5.0, 6.0], rtol=1e-6)

@@ -290,3 +290,15 @@ def test_errors_teach():
         jt.to_torch(variables, "compact", template=tm)
     with pytest.raises(ValueError, match="needs the torch layer order"):
         jt.to_torch(variables, "compact")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_preset_rmsnorm_default_eps_is_what_torch_uses(dtype):
+    layer = torch.nn.RMSNorm(4).to(dtype)
+    eps = jt.preset(layer)["epsilon"]
+    # torch computes half-precision RMSNorm in float32, with float32's eps.
+    x = torch.tensor([[1e-3, -1e-3, 2e-3, 0.0]], dtype=torch.float64)
+    y = layer(x.to(dtype)).double()
+    ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+    tol = 1e-12 if dtype == torch.float64 else 1e-2
+    assert float((y - ref).abs().max()) < tol

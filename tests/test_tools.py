@@ -369,3 +369,21 @@ def test_with_batch_moments_merges_across_axis_name():
     np.testing.assert_allclose(m.count, np.full((2, 3), 8.0))
     np.testing.assert_allclose(m.mean, np.broadcast_to(flat.mean(0), (2, 3)), **TOL)
     np.testing.assert_allclose(m.m2 / 8, np.broadcast_to(flat.var(0), (2, 3)), **TOL)
+
+
+def test_variant_layers_in_training_are_refused_not_silently_skipped():
+    import flax.linen as nn
+
+    from jaxnorm import variants_linen
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool):
+            return variants_linen.BatchRenorm(use_running_average=not train)(x)
+
+    x = jnp.ones((4, 3)) * jnp.arange(4.0)[:, None]
+    variables = Net().init(jax.random.key(0), x, False)
+    with pytest.raises(NotImplementedError, match="BatchRenorm"):
+        tools.recompute_batch_stats(
+            lambda v, x: Net().apply(v, x, True, mutable=["batch_stats"]), variables, [x]
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxnorm
@@ -94,6 +95,23 @@ CASES = [
         TypeError,
         ["floating"],
     ),
+    ("init_stats_bad_shape", lambda: jaxnorm.init_batch_stats("c"), TypeError, ["feature_shape"]),
+    ("integer_scale", lambda: bn(scale=jnp.ones(3, jnp.int32)), TypeError, ["scale", "floating"]),
+    ("moments_axis_out_of_range", lambda: jaxnorm.moments(X, (2,)), ValueError, ["axes", "rank 2"]),
+    (
+        "update_stats_momentum",
+        lambda: jaxnorm.update_batch_stats(
+            STATS, jaxnorm.moments(X, 0, keepdims=False), momentum=1.5
+        ),
+        ValueError,
+        ["momentum"],
+    ),
+    (
+        "merge_mismatched",
+        lambda: jaxnorm.merge_moments(jaxnorm.moments(X, 0), jaxnorm.moments(X, 1)),
+        ValueError,
+        ["merge_moments", "shape"],
+    ),
 ]
 
 
@@ -120,3 +138,13 @@ def test_one_value_per_feature_allowed_with_axis_name():
         axis_name="b",
     )(jnp.arange(12.0).reshape(4, 3))
     assert out.shape == (4, 3)
+
+
+def test_public_moments_accept_negative_and_int_axes():
+    x = jnp.arange(12.0).reshape(3, 4)
+    m = jaxnorm.moments(x, -1)
+    assert m.count.shape == m.mean.shape == m.m2.shape == (3, 1)
+    count, nu = jaxnorm.mean_square(x, (-1,))
+    assert count.shape == nu.shape == (3, 1)
+    np.testing.assert_allclose(np.asarray(nu)[:, 0], (np.arange(12.0).reshape(3, 4) ** 2).mean(1))
+    assert jaxnorm.init_batch_stats(np.int64(3)).mean.shape == (3,)

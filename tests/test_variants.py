@@ -300,8 +300,10 @@ def np_power_norm_step(x, dy, psi2, nu, gamma, beta, *, alpha, eps, mask=None):
     big_gamma = (m * x_hat * x_hat).sum(axes) / n
     big_lambda = (m * g * x_hat).sum(axes) / n
     nu_new = nu * (1 - (1 - alpha) * big_gamma) + (1 - alpha) * big_lambda
-    dgamma = (dy * x_hat).sum(axes)
-    dbeta = dy.sum(axes)
+    # jaxnorm's mask convention (functional.mask_safe): masked-out outputs pass no
+    # gradient to the parameters; padding is not part of the loss.
+    dgamma = (m * dy * x_hat).sum(axes)
+    dbeta = (m * dy).sum(axes)
     return y, psi2_new, nu_new, dx, dgamma, dbeta
 
 
@@ -574,3 +576,15 @@ def test_low_precision_in_low_precision_out_with_f32_statistics():
     _, new = outs[0]
     ref = 0.01 * np.asarray(x, np.float32).mean(0) + 0.99 * np.asarray(bstats.mean)
     np.testing.assert_allclose(np.asarray(new.mean), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_ghost_batch_norm_evaluates_batches_of_any_size():
+    stats = jaxnorm.BatchStats(jnp.full(3, 1.0), jnp.full(3, 4.0), jnp.array(2, jnp.int32))
+    x = jnp.arange(9.0).reshape(3, 3)  # 3 is not a multiple of the virtual size 2
+    y, same = ghost_batch_norm(x, stats, virtual_batch_size=2, training=False)
+    np.testing.assert_allclose(
+        np.asarray(y), (np.arange(9.0).reshape(3, 3) - 1) / np.sqrt(4 + 1e-5), rtol=1e-6
+    )
+    assert same is stats
+    with pytest.raises(ValueError, match="Valid sizes"):
+        ghost_batch_norm(x, stats, virtual_batch_size=2, training=True)

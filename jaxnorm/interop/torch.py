@@ -27,7 +27,8 @@ Numerical conventions (:func:`preset` returns them as module arguments):
 * running variance: torch stores the Bessel-corrected ``n/(n-1) * var`` of each
   batch; ``unbiased_running_var=True`` does the same, so running statistics can be
   copied verbatim either way.
-* eps: copied; torch's ``RMSNorm(eps=None)`` means ``finfo(dtype).eps``.
+* eps: copied; torch's ``RMSNorm(eps=None)`` means ``finfo(float32).eps`` (float64's
+  for a float64 layer), also for half-precision layers, which torch computes in float32.
 * layout: torch is channels-first (NCHW), Flax channels-last (NHWC). Kernels are
   transposed for that; a model that *flattens* feature maps before a ``Linear``
   flattens C,H,W in torch but H,W,C in Flax, which the shapes cannot reveal: pool
@@ -703,7 +704,7 @@ def preset(layer: Any, *, channels_last: bool = True) -> dict[str, Any]:
       of the last ``len(shape)`` axes, ``use_scale``/``use_bias``.
     * ``GroupNorm(G, C, eps)`` -> ``num_groups=G, epsilon=eps`` (+ affine flags).
     * ``RMSNorm(shape, eps)`` -> ``epsilon`` (``eps=None`` is torch's
-      ``finfo(dtype).eps``, with the weight's dtype or torch's default dtype).
+      ``finfo(float32).eps``, or float64's for a float64 layer).
     * ``InstanceNorm*d(eps, affine)`` -> ``epsilon`` (+ affine flags).
 
     Args:
@@ -753,9 +754,11 @@ def preset(layer: Any, *, channels_last: bool = True) -> dict[str, Any]:
     elif kind in ("layer_norm", "rms_norm"):
         eps = layer.eps
         if eps is None:
+            # torch computes RMSNorm in float32 for half types, with float32's eps
+            # (float64's only for float64 layers).
             weight = getattr(layer, "weight", None)
             dtype = weight.dtype if weight is not None else torch.get_default_dtype()
-            eps = torch.finfo(dtype).eps
+            eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
         out["epsilon"] = float(eps)
         k = len(layer.normalized_shape)
         axes = -1 if k == 1 else tuple(range(-k, 0))
@@ -773,6 +776,8 @@ def preset(layer: Any, *, channels_last: bool = True) -> dict[str, Any]:
     else:
         out["epsilon"] = float(layer.eps)
         affine = layer.affine
+        if not channels_last:
+            out["feature_axes"] = 1
     if not affine:
         out["use_scale"] = False
         out["use_bias"] = False
