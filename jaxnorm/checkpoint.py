@@ -1,0 +1,374 @@
+"""Checkpoints of a training state: save, refuse what does not fit, restore exactly.
+
+A training state is any pytree flax can serialize: a dict or ``flax.struct`` of
+``params``, ``batch_stats`` (a linen collection or :class:`jaxnorm.BatchStats`), the
+optax optimizer state, the step, a PRNG key (typed ``jax.random.key`` or raw
+``uint32``), Python scalars. For NNX, save ``nnx.to_pure_dict(nnx.state(model))``
+and restore into it, then ``nnx.replace_by_pure_dict``::
+
+    state = {"params": params, "batch_stats": stats, "opt_state": opt_state,
+             "step": step, "rng": key}
+    save_checkpoint(ckpt_dir, state, step=step)  # ckpt_dir/checkpoint_00000100.msgpack
+    ...
+    path = latest_checkpoint(ckpt_dir)           # None when there is none yet
+    state = restore_checkpoint(path, like=fresh_state)
+
+Format choice. One msgpack file per step, written with
+``flax.serialization.msgpack_serialize`` (a format header, the step and the state
+dict), rather than orbax:
+
+* The whole contract of this module — restore *exactly* into a given tree, refuse a
+  mismatch naming the first path, and never clobber the last good checkpoint — is
+  a few dozen lines over one bytes object, with no background threads or
+  directory protocols to reason about. The file is written to a temporary name in
+  the same directory, flushed, ``fsync``-ed and moved into place with ``os.replace``
+  (atomic on POSIX and Windows), so a crash mid-save leaves the previous checkpoint
+  intact and, at worst, a stray ``.tmp-*`` file that :func:`latest_checkpoint` ignores.
+* It needs only flax, already a dependency; orbax-checkpoint is a large extra.
+* Limits, stated: every array is copied to host memory, so this suits models that fit
+  in one host's memory, on one host (arrays sharded over local devices are gathered
+  on save and re-sharded like ``like`` on restore). For multi-host or very large
+  sharded states use orbax-checkpoint, which writes shards in parallel.
+
+Safety. :func:`restore_checkpoint` compares the stored tree with ``like`` leaf by
+leaf (tree structure, shapes, dtypes, PRNG key implementation, Python scalar types)
+and, before anything is loaded, raises a ``ValueError`` naming the first mismatching
+path in sorted path order, the order of ``jax.tree.leaves`` (``params/Dense_1/kernel:
+checkpoint has (64, 10), model expects (32, 10)``); a truncated or foreign file is
+refused with its path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+__all__ = [
+    "checkpoint_path",
+    "checkpoint_step",
+    "latest_checkpoint",
+    "restore_checkpoint",
+    "save_checkpoint",
+]
+
+T = TypeVar("T")
+
+FORMAT = "jaxnorm.checkpoint/1"  # stored in every file; a different value is refused
+_PREFIX = "checkpoint_"
+_SUFFIX = ".msgpack"
+_NAME = re.compile(rf"^{_PREFIX}(\d+){re.escape(_SUFFIX)}$")
+_KEY_TAG = "__prng_key__"  # a typed PRNG key is stored as {_KEY_TAG: impl name, "data": uint32}
+
+PathLike = str | os.PathLike[str]
+
+
+def checkpoint_path(ckpt_dir: PathLike, step: int) -> Path:
+    """The file name :func:`save_checkpoint` uses for ``step`` in ``ckpt_dir``."""
+    return Path(ckpt_dir) / f"{_PREFIX}{int(step):08d}{_SUFFIX}"
+
+
+def _is_key(leaf: Any) -> bool:
+    return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _to_host(tree: Any) -> Any:
+    """State dict with host NumPy leaves; typed PRNG keys become tagged raw data."""
+
+    def leaf(x: Any) -> Any:
+        if _is_key(x):
+            return {
+                _KEY_TAG: str(jax.random.key_impl(x)),
+                "data": np.asarray(jax.random.key_data(x)),
+            }
+        if _is_scalar(x):
+            return x
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            raise ValueError(
+                "save_checkpoint: an array is sharded across hosts (not fully addressable); "
+                "this single-host format cannot gather it. Use orbax-checkpoint for "
+                "multi-host states."
+            )
+        return np.asarray(x)
+
+    state = serialization.to_state_dict(tree)
+    return jax.tree.map(leaf, state, is_leaf=lambda x: _is_key(x) or x is None)
+
+
+def _write_bytes(f: Any, data: bytes) -> None:
+    """Write ``data`` to the open file ``f`` (a seam for the interrupted-save test)."""
+    f.write(data)
+
+
+def save_checkpoint(ckpt_dir: PathLike, target: Any, *, step: int, keep: int | None = None) -> Path:
+    """Write ``target`` as ``ckpt_dir/checkpoint_<step>.msgpack``, atomically.
+
+    The bytes go to a temporary file in ``ckpt_dir``, are flushed to disk and then
+    renamed over the final name with ``os.replace``: readers see either the previous
+    file or the complete new one, never a partial one, and a failure mid-save leaves
+    earlier checkpoints untouched (the temporary file is removed).
+
+    Args:
+      ckpt_dir: directory of the run's checkpoints (created if missing).
+      target: the pytree to save (see the module docstring for what it may hold).
+      step: the training step, stored in the file and used in its name (>= 0).
+      keep: if given, delete all but the ``keep`` newest checkpoints after a
+        successful save.
+
+    Returns:
+      The path of the written checkpoint.
+
+    Raises:
+      ValueError: a negative ``step`` or ``keep < 1``, or an array sharded across hosts.
+
+    Example:
+      >>> import tempfile, jax.numpy as jnp
+      >>> d = tempfile.mkdtemp()
+      >>> save_checkpoint(d, {"w": jnp.ones(2)}, step=3).name
+      'checkpoint_00000003.msgpack'
+      >>> restore_checkpoint(latest_checkpoint(d), like={"w": jnp.zeros(2)})["w"].tolist()
+      [1.0, 1.0]
+    """
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be a non-negative int; got {step!r}.")
+    if keep is not None and keep < 1:
+        raise ValueError(f"save_checkpoint: keep must be >= 1 or None; got {keep!r}.")
+    directory = Path(ckpt_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "step": int(step), "target": _to_host(target)}
+    data = serialization.msgpack_serialize(payload)
+    final = checkpoint_path(directory, step)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_bytes(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    if keep is not None:
+        for old in list(_checkpoints(directory))[:-keep]:
+            old[1].unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoints(directory: Path) -> Iterator[tuple[int, Path]]:
+    """``(step, path)`` of the complete checkpoints in ``directory``, oldest first."""
+    found = []
+    for p in directory.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return iter(sorted(found))
+
+
+def latest_checkpoint(ckpt_dir: PathLike) -> Path | None:
+    """The checkpoint with the highest step in ``ckpt_dir``, or ``None``.
+
+    Only complete files named by :func:`save_checkpoint` count; temporary files of an
+    interrupted save are ignored.
+
+    Args:
+      ckpt_dir: the directory given to :func:`save_checkpoint`.
+
+    Returns:
+      A path, or ``None`` if the directory is missing or holds no checkpoint.
+    """
+    directory = Path(ckpt_dir)
+    if not directory.is_dir():
+        return None
+    found = list(_checkpoints(directory))
+    return found[-1][1] if found else None
+
+
+def _read(path: PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise FileNotFoundError(f"restore_checkpoint: no checkpoint in directory {str(p)!r}.")
+        p = latest
+    raw = p.read_bytes()
+    try:
+        payload = serialization.msgpack_restore(raw)
+    except Exception as err:  # msgpack raises several types on truncated input
+        raise ValueError(
+            f"restore_checkpoint: {str(p)!r} is not a readable checkpoint ({len(raw)} bytes; "
+            f"{type(err).__name__}: {err}). It may be truncated or not written by "
+            f"jaxnorm.checkpoint; use the previous one (latest_checkpoint lists only complete "
+            f"files)."
+        ) from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(
+            f"restore_checkpoint: {str(p)!r} is not a {FORMAT} file (format {found!r})."
+        )
+    return payload
+
+
+def checkpoint_step(path: PathLike) -> int:
+    """The step stored in a checkpoint file (or the latest one of a directory)."""
+    return int(_read(path)["step"])
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, complex, str, bytes)) or x is None
+
+
+def _is_stored_key(x: Any) -> bool:
+    return isinstance(x, dict) and _KEY_TAG in x
+
+
+def _spec(like: Any) -> Any:
+    """``like``'s state dict with shape/dtype leaves (nothing is copied off device)."""
+
+    def leaf(x: Any) -> Any:
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return {_KEY_TAG: str(jax.random.key_impl(x)), "data": data}
+        if _is_scalar(x):
+            return x
+        dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+        return jax.ShapeDtypeStruct(np.shape(x), dtype)
+
+    return _map_dict(leaf, serialization.to_state_dict(like))
+
+
+def _map_dict(fn: Any, state: Any) -> Any:
+    """Apply ``fn`` to the leaves of a nested state dict, keeping key order (tree.map sorts)."""
+    if isinstance(state, dict):
+        return {k: _map_dict(fn, v) for k, v in state.items()}
+    return fn(state)
+
+
+def _describe(x: Any) -> str:
+    if _is_stored_key(x):
+        return f"a PRNG key ({x[_KEY_TAG]}) of shape {tuple(np.shape(x['data']))[:-1]}"
+    if isinstance(x, dict):
+        return f"a subtree with keys {sorted(x)}"
+    if _is_scalar(x):
+        return f"a Python {type(x).__name__}"
+    return f"an array {tuple(np.shape(x))} {np.dtype(x.dtype)}"
+
+
+def _mismatches(got: Any, want: Any, path: str) -> Iterator[str]:
+    """Every difference between the stored state dict and the spec of ``like``.
+
+    In sorted key order at every level (jax's flattening order), so "the first" does not
+    depend on how ``like``'s dicts were built (``jit`` returns them with sorted keys).
+    """
+    where = path or "<root>"
+    differ = f"{where}: checkpoint has {_describe(got)}, model expects {_describe(want)}"
+    if isinstance(want, dict) and not _is_stored_key(want):
+        if not isinstance(got, dict) or _is_stored_key(got):
+            yield differ
+            return
+        for k in sorted(want):
+            sub = f"{path}/{k}" if path else str(k)
+            if k not in got:
+                yield f"{sub}: missing from the checkpoint (model expects {_describe(want[k])})"
+            else:
+                yield from _mismatches(got[k], want[k], sub)
+        for k in sorted(got):
+            if k not in want:
+                sub = f"{path}/{k}" if path else str(k)
+                yield f"{sub}: in the checkpoint but not in the model ({_describe(got[k])})"
+    elif _is_stored_key(want):
+        if not _is_stored_key(got) or got[_KEY_TAG] != want[_KEY_TAG]:
+            yield differ
+        elif tuple(np.shape(got["data"])) != tuple(want["data"].shape):
+            yield differ
+    elif _is_scalar(want):
+        if type(got) is not type(want):
+            yield differ
+    elif isinstance(got, dict) or _is_scalar(got) or not hasattr(got, "shape"):
+        yield differ
+    elif tuple(got.shape) != tuple(want.shape):
+        yield f"{where}: checkpoint has {tuple(got.shape)}, model expects {tuple(want.shape)}"
+    elif np.dtype(got.dtype) != np.dtype(want.dtype):
+        yield (
+            f"{where}: checkpoint has dtype {np.dtype(got.dtype)}, model expects "
+            f"{np.dtype(want.dtype)} (shape {tuple(got.shape)})"
+        )
+
+
+def restore_checkpoint(path: PathLike, like: T) -> T:
+    """Load a checkpoint into the structure of ``like``, refusing anything that does not fit.
+
+    ``like`` is a state of the model being resumed (e.g. freshly initialized): only its
+    structure, shapes, dtypes and shardings are used. The stored tree must match it
+    exactly (same keys, shapes, dtypes, PRNG key implementation, Python scalar types)
+    or nothing is loaded.
+
+    Args:
+      path: a checkpoint file, or a directory (its latest checkpoint is used).
+      like: a pytree with the target structure.
+
+    Returns:
+      A tree of ``like``'s type holding the stored values. A leaf that is a
+      ``jax.Array`` in ``like`` is put on ``like``'s sharding, a typed PRNG key is
+      rebuilt as a key, a NumPy array stays NumPy, a Python scalar stays a Python scalar.
+
+    Raises:
+      FileNotFoundError: no such file, or a directory without checkpoints.
+      ValueError: an unreadable file, or a tree that does not match ``like``; the
+        message names the first mismatching path (sorted path order), e.g. ``params/Dense_1/kernel:
+        checkpoint has (64, 10), model expects (32, 10)``, and lists a few others.
+    """
+    payload = _read(path)
+    stored = payload["target"]
+    problems = list(_mismatches(stored, _spec(like), ""))
+    if problems:
+        more = ""
+        if len(problems) > 1:
+            shown = "; ".join(problems[1:4])
+            more = f" ({len(problems) - 1} more: {shown}{'; ...' if len(problems) > 4 else ''})"
+        raise ValueError(
+            f"restore_checkpoint: {str(path)!r} (step {payload['step']}) does not fit the "
+            f"model, nothing was loaded. First mismatch: {problems[0]}{more}. Restore into "
+            f"a state built with the same model configuration and optimizer."
+        )
+
+    def unpack(stored_leaf: Any, like_leaf: Any) -> Any:
+        if _is_key(like_leaf):
+            data = jnp.asarray(stored_leaf["data"])
+            key = jax.random.wrap_key_data(data, impl=jax.random.key_impl(like_leaf))
+            return jax.device_put(key, like_leaf.sharding)
+        if isinstance(like_leaf, jax.Array):
+            return jax.device_put(np.asarray(stored_leaf), like_leaf.sharding)
+        if isinstance(like_leaf, np.ndarray):
+            return np.asarray(stored_leaf)
+        return stored_leaf
+
+    # Both trees flatten in sorted-key order; a stored key's {tag, data} dict is one leaf.
+    flat_like, treedef = jax.tree.flatten(
+        serialization.to_state_dict(like), is_leaf=lambda x: _is_key(x) or x is None
+    )
+    flat_stored = jax.tree.leaves(stored, is_leaf=lambda x: _is_stored_key(x) or x is None)
+    values = [unpack(s, w) for s, w in zip(flat_stored, flat_like, strict=True)]
+    return serialization.from_state_dict(like, jax.tree.unflatten(treedef, values))

@@ -1,0 +1,397 @@
+"""jaxnorm.checkpoint: exact resume, refusal of misfits by path, atomic saves.
+
+The training state is a linen MLP with jaxnorm BatchNorm and dropout, an optax Adam
+state, the step and a typed PRNG key: everything a resumed run needs to continue
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import jaxnorm
+import jaxnorm.linen as jnn
+import jaxnorm.nnx as jnnx
+from jaxnorm import checkpoint as ckpt
+
+STEPS, SPLIT = 6, 4  # train STEPS straight vs. SPLIT, save, restore, STEPS - SPLIT
+
+
+class MLP(nn.Module):
+    hidden: int = 32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = nn.Dense(self.hidden)(x)
+        x = jnn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))
+        return nn.Dense(10)(x)
+
+
+TX = optax.adam(1e-2)
+
+
+def _batches():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((STEPS, 16, 8)).astype(np.float32)
+    y = rng.integers(0, 10, (STEPS, 16)).astype(np.int32)
+    return jnp.asarray(x), jnp.asarray(y)
+
+
+@functools.cache
+def _init_state(seed: int, hidden: int = 32) -> dict:
+    """A fresh training state (cached: callers build new containers, never mutate it)."""
+    model = MLP(hidden)
+    v = jax.jit(lambda k: model.init(k, jnp.zeros((2, 8)), train=False))(jax.random.key(seed))
+    return {
+        "params": v["params"],
+        "batch_stats": v["batch_stats"],
+        "opt_state": TX.init(v["params"]),
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jax.random.key(seed + 100),
+    }
+
+
+@jax.jit
+def _train_step(state, x, y):
+    rng, drop = jax.random.split(state["rng"])
+
+    def loss_fn(params):
+        logits, upd = MLP().apply(
+            {"params": params, "batch_stats": state["batch_stats"]},
+            x,
+            train=True,
+            rngs={"dropout": drop},
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = TX.update(grads, state["opt_state"], state["params"])
+    new = {
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": upd["batch_stats"],
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "rng": rng,
+    }
+    return new, loss
+
+
+def _train(state, start: int, stop: int):
+    xs, ys = _batches()
+    losses = []
+    for i in range(start, stop):
+        state, loss = _train_step(state, xs[i], ys[i])
+        losses.append(float(loss))
+    return state, losses
+
+
+def _comparable(state):
+    """Typed keys compare by their data."""
+    return jax.tree.map(
+        lambda a: (
+            jax.random.key_data(a)
+            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+            else np.asarray(a)
+        ),
+        state,
+    )
+
+
+# ------------------------------------------------------------------ exact resume
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    straight, losses_straight = _train(_init_state(0), 0, STEPS)
+
+    first, losses_a = _train(_init_state(0), 0, SPLIT)
+    ckpt.save_checkpoint(tmp_path, first, step=SPLIT)
+    del first  # the "killed" run: nothing but the file survives
+    fresh = _init_state(7)  # a new process builds its state from another seed
+    path = ckpt.latest_checkpoint(tmp_path)
+    assert ckpt.checkpoint_step(path) == SPLIT
+    resumed = ckpt.restore_checkpoint(path, like=fresh)
+    assert isinstance(resumed["opt_state"][0], optax.ScaleByAdamState)
+    resumed, losses_b = _train(resumed, SPLIT, STEPS)
+
+    # Same compiled step, same inputs, same dropout keys: bit-identical.
+    assert losses_a + losses_b == losses_straight
+    chex.assert_trees_all_equal(_comparable(resumed), _comparable(straight))
+    assert not np.allclose(straight["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
+
+
+_RESUME_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    sys.path.insert(0, os.path.dirname(sys.argv[3]))
+    import numpy as np
+    import test_checkpoint as t
+    from jaxnorm import checkpoint as ckpt
+
+    ckpt_dir, phase = sys.argv[1], sys.argv[2]
+    if phase == "first":
+        state, _ = t._train(t._init_state(0), 0, t.SPLIT)
+        ckpt.save_checkpoint(ckpt_dir, state, step=t.SPLIT)
+        os._exit(0)  # killed: no clean shutdown
+    state = ckpt.restore_checkpoint(ckpt.latest_checkpoint(ckpt_dir), like=t._init_state(7))
+    state, losses = t._train(state, ckpt.checkpoint_step(ckpt_dir), t.STEPS)
+    kernel = np.asarray(state["params"]["Dense_1"]["kernel"])
+    mean = np.asarray(state["batch_stats"]["BatchNorm_0"]["mean"])
+    np.savez(os.path.join(ckpt_dir, "final.npz"), losses=losses, kernel=kernel, mean=mean)
+    """
+)
+
+
+def test_resume_in_a_new_process_matches_the_straight_run(tmp_path):
+    """Two fresh interpreters (save then exit hard; restore and finish) = one straight run."""
+    script = tmp_path / "resume.py"
+    script.write_text(_RESUME_SCRIPT)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for phase in ("first", "second"):
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path), phase, __file__],
+            check=True,
+            env=env,
+            cwd=Path(__file__).parent.parent,
+            timeout=120,
+        )
+    straight, losses = _train(_init_state(0), 0, STEPS)
+    final = np.load(tmp_path / "final.npz")
+    np.testing.assert_array_equal(final["losses"], np.asarray(losses[SPLIT:], np.float32))
+    np.testing.assert_array_equal(final["kernel"], straight["params"]["Dense_1"]["kernel"])
+    np.testing.assert_array_equal(final["mean"], straight["batch_stats"]["BatchNorm_0"]["mean"])
+
+
+def test_round_trip_keeps_types_dtypes_and_keys(tmp_path):
+    state = {
+        "stats": jaxnorm.init_batch_stats((3,))._replace(count=jnp.asarray(4, jnp.int32)),
+        "half": jnp.arange(4, dtype=jnp.bfloat16),
+        "key": jax.random.key(1, impl="rbg"),
+        "raw_key": jax.random.PRNGKey(2),
+        "step": 12,
+        "lr": 0.5,
+        "host": np.arange(3, dtype=np.int16),
+        "nothing": None,
+        "layers": [jnp.ones(2), jnp.zeros((1, 2))],
+    }
+    path = ckpt.save_checkpoint(tmp_path, state, step=12)
+    like = jax.tree.map(
+        lambda a: (
+            a
+            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+            else np.zeros_like(a)
+            if isinstance(a, np.ndarray)
+            else a * 0
+        ),
+        state,
+    )
+    like["key"] = jax.random.key(9, impl="rbg")
+    back = ckpt.restore_checkpoint(path, like)
+    assert isinstance(back["stats"], jaxnorm.BatchStats) and int(back["stats"].count) == 4
+    assert back["half"].dtype == jnp.bfloat16 and isinstance(back["half"], jax.Array)
+    assert jax.random.key_impl(back["key"]) == jax.random.key_impl(state["key"])
+    np.testing.assert_array_equal(
+        jax.random.key_data(back["key"]), jax.random.key_data(state["key"])
+    )
+    assert back["step"] == 12 and isinstance(back["step"], int) and back["lr"] == 0.5
+    assert isinstance(back["host"], np.ndarray) and back["host"].dtype == np.int16
+    assert back["nothing"] is None and isinstance(back["layers"], list)
+    chex.assert_trees_all_equal(_comparable(back), _comparable(state))
+
+
+def test_restore_keeps_the_sharding_of_the_target(tmp_path):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py)")
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    w = jax.device_put(jnp.arange(16.0), sharding)
+    ckpt.save_checkpoint(tmp_path, {"w": w}, step=0)
+    back = ckpt.restore_checkpoint(tmp_path, {"w": jax.device_put(jnp.zeros(16), sharding)})
+    assert back["w"].sharding == sharding
+    np.testing.assert_array_equal(back["w"], np.arange(16.0))
+
+
+def test_nnx_model_state_round_trip(tmp_path):
+    model = jnnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(0))
+    model.train()
+    model(jnp.arange(12.0).reshape(4, 3))
+    ckpt.save_checkpoint(tmp_path, nnx.to_pure_dict(nnx.state(model)), step=1)
+    fresh = jnnx.BatchNorm(3, momentum=0.5, rngs=nnx.Rngs(5))
+    state = nnx.state(fresh)
+    nnx.replace_by_pure_dict(state, ckpt.restore_checkpoint(tmp_path, nnx.to_pure_dict(state)))
+    nnx.update(fresh, state)
+    np.testing.assert_array_equal(fresh.mean[...], model.mean[...])
+    assert not np.allclose(fresh.mean[...], 0.0)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+def _saved_state(tmp_path, state=None):
+    state = _init_state(0) if state is None else state
+    return ckpt.save_checkpoint(tmp_path, state, step=3), state
+
+
+def _with(state, path: str, value):
+    """A copy of ``state`` with the leaf at ``a/b/c`` replaced (or deleted if value is ...)."""
+    state = jax.tree.map(lambda a: a, state)  # fresh containers
+    *parents, last = path.split("/")
+    node = state
+    for p in parents:
+        node = node[int(p)] if isinstance(node, tuple) else node[p]
+    if value is Ellipsis:
+        del node[last]
+    else:
+        node[last] = value
+    return state
+
+
+MISFITS = [
+    # (id, change to the *model's* state, words the message must contain)
+    (
+        "kernel_shape",
+        lambda s: {**s, "params": _init_state(0, hidden=64)["params"]},
+        [
+            "First mismatch: params/BatchNorm_0/bias: checkpoint has (32,), model expects (64,)",
+            "params/Dense_0/kernel: checkpoint has (8, 32), model expects (8, 64)",
+        ],
+    ),
+    (
+        "stats_dtype",
+        lambda s: _with(s, "batch_stats/BatchNorm_0/mean", jnp.zeros(32, jnp.bfloat16)),
+        ["batch_stats/BatchNorm_0/mean: checkpoint has dtype float32, model expects bfloat16"],
+    ),
+    (
+        "missing_in_checkpoint",
+        lambda s: _with(s, "batch_stats/BatchNorm_0/count", jnp.zeros((), jnp.int32)),
+        ["batch_stats/BatchNorm_0/count: missing from the checkpoint"],
+    ),
+    (
+        "extra_in_checkpoint",
+        lambda s: _with(s, "batch_stats/BatchNorm_0/var", ...),
+        ["batch_stats/BatchNorm_0/var: in the checkpoint but not in the model"],
+    ),
+    (
+        "leaf_vs_subtree",
+        lambda s: _with(s, "params/Dense_1", jnp.zeros(3)),
+        ["params/Dense_1: checkpoint has a subtree with keys ['bias', 'kernel']"],
+    ),
+    (
+        "optimizer_changed",
+        lambda s: {**s, "opt_state": optax.sgd(0.1, momentum=0.9).init(s["params"])},
+        ["opt_state/0/", "mu", "missing from the checkpoint"],
+    ),
+    (
+        "key_impl",
+        lambda s: {**s, "rng": jax.random.key(0, impl="rbg")},
+        ["rng: checkpoint has a PRNG key (threefry2x32)", "model expects a PRNG key (rbg)"],
+    ),
+    (
+        "key_vs_raw",
+        lambda s: {**s, "rng": jax.random.PRNGKey(0)},
+        ["rng: checkpoint has a PRNG key", "model expects an array (2,) uint32"],
+    ),
+    (
+        "scalar_vs_array",
+        lambda s: {**s, "step": 0},
+        ["step: checkpoint has an array () int32, model expects a Python int"],
+    ),
+]
+
+
+@pytest.mark.parametrize("change, words", [m[1:] for m in MISFITS], ids=[m[0] for m in MISFITS])
+def test_a_misfit_is_refused_naming_the_first_mismatching_path(tmp_path, change, words):
+    path, state = _saved_state(tmp_path)
+    like = change(state)
+    with pytest.raises(ValueError, match="nothing was loaded") as info:
+        ckpt.restore_checkpoint(path, like)
+    for word in words:
+        assert word in str(info.value), f"{word!r} missing from: {info.value}"
+
+
+def test_the_first_mismatch_is_in_sorted_path_order_and_others_are_counted(tmp_path):
+    path, state = _saved_state(tmp_path)
+    big = _init_state(0, hidden=64)
+    # Insertion order puts params first; sorted (jax's flattening) order does not.
+    like = {"params": big["params"], "batch_stats": big["batch_stats"]}
+    like.update({k: v for k, v in state.items() if k not in like})
+    with pytest.raises(ValueError) as info:
+        ckpt.restore_checkpoint(path, like)
+    msg = str(info.value)
+    assert "First mismatch: batch_stats/BatchNorm_0/mean: checkpoint has (32,)" in msg
+    assert "(6 more: batch_stats/BatchNorm_0/var: checkpoint has (32,), model expects" in msg
+
+
+def test_truncated_and_foreign_files_are_refused(tmp_path):
+    path, state = _saved_state(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint.*truncated"):
+        ckpt.restore_checkpoint(path, state)
+    from flax import serialization
+
+    path.write_bytes(serialization.msgpack_serialize({"params": {}}))
+    with pytest.raises(ValueError, match="not a jaxnorm.checkpoint/1 file"):
+        ckpt.restore_checkpoint(path, state)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
+        ckpt.restore_checkpoint(tmp_path / "empty", state)
+
+
+@pytest.mark.parametrize("step, keep", [(-1, None), (1.5, None), (True, None), (1, 0)])
+def test_bad_step_or_keep_is_refused(tmp_path, step, keep):
+    with pytest.raises(ValueError, match="step|keep"):
+        ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(1)}, step=step, keep=keep)
+
+
+# ------------------------------------------------------------------ atomic saves
+
+
+def test_an_interrupted_save_never_clobbers_the_last_good_checkpoint(tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(1000)}, step=5)
+    good_bytes = good.read_bytes()
+
+    def write_half_then_die(f, data):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ckpt, "_write_bytes", write_half_then_die)
+    # Same step: the final name exists and must survive; a later step must not appear.
+    for step in (5, 6):
+        with pytest.raises(KeyboardInterrupt):
+            ckpt.save_checkpoint(tmp_path, {"w": jnp.full(1000, 2.0)}, step=step)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # temp file removed
+    assert good.read_bytes() == good_bytes
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    back = ckpt.restore_checkpoint(ckpt.latest_checkpoint(tmp_path), {"w": jnp.zeros(1000)})
+    np.testing.assert_array_equal(back["w"], np.ones(1000))
+
+
+def test_latest_checkpoint_ignores_temp_and_foreign_files_and_keep_prunes(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    for step in (2, 10, 7):
+        ckpt.save_checkpoint(tmp_path, {"s": step}, step=step)
+    (tmp_path / ".tmp-abc.msgpack").write_bytes(b"partial")
+    (tmp_path / "checkpoint_00000099.msgpack.bak").write_bytes(b"x")
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_00000010.msgpack"
+    assert ckpt.restore_checkpoint(tmp_path, {"s": 0}) == {"s": 10}
+    ckpt.save_checkpoint(tmp_path, {"s": 11}, step=11, keep=2)
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint_*.msgpack"))
+    assert kept == ["checkpoint_00000010.msgpack", "checkpoint_00000011.msgpack"]
