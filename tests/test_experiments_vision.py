@@ -1,0 +1,276 @@
+"""Tests for experiments/vision.py and experiments/models_vision.py.
+
+Every vision experiment runs once in ``--quick`` mode through the real entry point
+(``experiments.__main__.main``) into a temporary folder; the tests then check the metric
+files, tables, figures and report sections it left there. The init-sweep program (jit + vmap
+over init scales + scans) is compared with an independent reference: a plain Python loop of
+SGD steps with a hand-written MLP and hand-written batch normalization.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import models_vision as mv
+from experiments import vision
+from experiments.__main__ import main
+from experiments.common import RunConfig, read_json
+
+NAMES = ("init_sweep", "lr_sweep", "overfit", "cnn_norms")
+
+
+@pytest.fixture(scope="module")
+def quick_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One quick run of every vision experiment (shared: compiling dominates the cost)."""
+    out = tmp_path_factory.mktemp("vision")
+    assert main([*NAMES, "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _in_unit_interval(values) -> bool:
+    v = np.asarray(values, dtype=float)
+    return bool(np.all((v >= 0) & (v <= 1)))
+
+
+def test_registry_names() -> None:
+    assert [e.name for e in vision.EXPERIMENTS] == list(NAMES)
+    assert {e.group for e in vision.EXPERIMENTS} == {"vision"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outputs_exist_and_report_states_claim(quick_out: Path, name: str) -> None:
+    folder = quick_out / name
+    assert (folder / "metrics.json").is_file()
+    assert list(folder.glob("*.csv")), "a CSV table"
+    pngs = list(folder.glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    m = read_json(folder / "metrics.json")
+    assert "config" in m and m["wall_s"] > 0
+    section = vision.EXPERIMENTS[NAMES.index(name)].report(folder)
+    assert "**Claim.**" in section and "**Verdict" in section
+    assert f"python -m experiments {name}" in section
+    report = (quick_out / "REPORT.md").read_text(encoding="utf-8")
+    assert section.splitlines()[0] in report
+
+
+def test_init_sweep_outputs(quick_out: Path) -> None:
+    folder = quick_out / "init_sweep"
+    m = read_json(folder / "metrics.json")
+    c = vision.InitSweepConfig.quick()
+    assert c == vision.InitSweepConfig(**m["config"])
+    np.testing.assert_allclose(m["stds"], c.stds(), rtol=1e-6)
+    assert m["stds"][0] == pytest.approx(c.std_max) and m["stds"][-1] == pytest.approx(c.std_min)
+    for variant in ("plain", "bn"):
+        r = m[variant]
+        assert np.shape(r["train_acc"]) == (c.n_stds, c.epochs)
+        assert np.shape(r["train_loss"]) == (c.n_stds, c.epochs)
+        assert np.shape(r["diverged"]) == (c.n_stds,)
+        assert _in_unit_interval(r["train_acc"]) and _in_unit_interval(r["eval_acc"])
+    assert m["n_runs"] == 2 * c.n_stds
+    assert m["compile_s"] > 0 and m["run_s"] > 0
+    assert m["sweep_s"] == pytest.approx(m["compile_s"] + m["run_s"])
+    with open(folder / "final.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == c.n_stds
+    assert float(rows[0]["train_acc_bn"]) == pytest.approx(m["bn"]["train_acc"][0][-1])
+    assert "Batch normalization makes training far less sensitive" in vision.report_init_sweep(
+        folder
+    )
+
+
+def test_lr_sweep_outputs(quick_out: Path) -> None:
+    m = read_json(quick_out / "lr_sweep" / "metrics.json")
+    c = vision.LRSweepConfig.quick()
+    lrs = np.array(m["lrs"])
+    assert len(lrs) == c.n_lrs and np.all(np.diff(lrs) > 0)
+    assert lrs[0] == pytest.approx(c.lr_min) and lrs[-1] == pytest.approx(c.lr_max)
+    for variant in ("plain", "bn"):
+        r = m[variant]
+        assert np.shape(r["train_acc"]) == (c.seeds, c.n_lrs)
+        assert np.shape(r["diverged"]) == (c.seeds, c.n_lrs)
+        assert _in_unit_interval(r["train_acc"]) and _in_unit_interval(r["eval_acc"])
+        # A run without divergence has finite losses; a diverged one is flagged, not dropped.
+        loss = np.array(r["train_loss"], dtype=float)
+        assert np.all(np.isfinite(loss[~np.array(r["diverged"])]))
+    with open(quick_out / "lr_sweep" / "runs.csv", encoding="utf-8") as f:
+        assert len(list(csv.DictReader(f))) == 2 * c.seeds * c.n_lrs
+    assert "larger learning rates" in vision.report_lr_sweep(quick_out / "lr_sweep")
+
+
+def test_overfit_outputs(quick_out: Path) -> None:
+    m = read_json(quick_out / "overfit" / "metrics.json")
+    c = vision.OverfitConfig.quick()
+    assert set(m["variants"]) == {"plain", "bn", "dropout"}
+    assert m["eval_epochs"] == list(range(c.eval_every, c.epochs + 1, c.eval_every))
+    for variant in m["variants"]:
+        r = m[variant]
+        assert np.shape(r["train_acc"]) == (c.seeds, c.epochs // c.eval_every)
+        assert _in_unit_interval(r["train_acc"]) and _in_unit_interval(r["eval_acc"])
+    section = vision.report_overfit(quick_out / "overfit")
+    assert "regularizes" in section and "gap" in section
+
+
+def test_cnn_norms_outputs(quick_out: Path) -> None:
+    m = read_json(quick_out / "cnn_norms" / "metrics.json")
+    c = vision.CNNNormsConfig.quick()
+    assert m["norms"] == list(mv.NORMS)
+    r = m["datasets"]["mnist"]
+    assert r["eval_steps"] == [c.steps // c.n_evals * (k + 1) for k in range(c.n_evals)]
+    for norm in mv.NORMS:
+        assert np.shape(r[norm]["eval_acc"]) == (c.seeds, c.n_evals)
+        assert _in_unit_interval(r[norm]["eval_acc"])
+        assert np.all(np.array(r[norm]["eval_loss"]) > 0)
+    with open(quick_out / "cnn_norms" / "final.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["norm"] for row in rows] == list(mv.NORMS)
+    assert (quick_out / "cnn_norms" / "cnn_norms_mnist.png").is_file()
+
+
+def test_plot_only_rebuilds_figures_from_metrics(quick_out: Path) -> None:
+    png = quick_out / "init_sweep" / "init_sweep.png"
+    png.unlink()
+    assert main(["init_sweep", "--plot-only", "--out", str(quick_out), "--no-progress"]) == 0
+    assert png.is_file()
+
+
+def test_data_dir_reaches_the_loader(tmp_path: Path) -> None:
+    """``--data-dir`` (RunConfig.data_dir) makes the experiments read IDX files from there."""
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, (30,), dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, (7,), dtype=np.uint8),
+    }
+    for name, a in arrays.items():
+        header = (0x0800 | a.ndim).to_bytes(4, "big")
+        header += b"".join(d.to_bytes(4, "big") for d in a.shape)
+        (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header + a.tobytes()))
+    images = vision._mnist(RunConfig(out_dir=tmp_path, data_dir=str(tmp_path)))
+    np.testing.assert_array_equal(images.x_train, arrays["train-images-idx3-ubyte"])
+    np.testing.assert_array_equal(images.y_test, arrays["t10k-labels-idx1-ubyte"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The vmapped init-sweep program against an independent, unvmapped reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_run(x, y, x_test, y_test, order, unit_params, std, *, use_bn, lr, momentum):
+    """Plain-Python SGD on a hand-written MLP with hand-written BN (no vmap, no scan)."""
+    ws = [np.asarray(layer["w"]) * std for layer in unit_params["dense"]]
+    bs = [np.asarray(layer["b"]) for layer in unit_params["dense"]]
+    n_hidden = len(ws) - 1
+    params = {
+        "w": [jnp.asarray(w) for w in ws],
+        "b": [jnp.asarray(b) for b in bs],
+        "g": [jnp.ones(w.shape[1]) for w in ws[:-1]],
+        "beta": [jnp.zeros(w.shape[1]) for w in ws[:-1]],
+    }
+    run_mean = [np.zeros(w.shape[1], np.float32) for w in ws[:-1]]
+    run_var = [np.ones(w.shape[1], np.float32) for w in ws[:-1]]
+
+    def forward(p, xb, training, means=None, vars_=None):
+        h, batch_moments = xb, []
+        for i in range(n_hidden):
+            h = h @ p["w"][i] + p["b"][i]
+            if use_bn:
+                if training:
+                    mu, var = h.mean(0), ((h - h.mean(0)) ** 2).mean(0)
+                    batch_moments.append((mu, var))
+                else:
+                    mu, var = means[i], vars_[i]
+                h = (h - mu) / jnp.sqrt(var + 1e-5) * p["g"][i] + p["beta"][i]
+            h = jnp.maximum(h, 0.0)
+        return h @ p["w"][-1] + p["b"][-1], batch_moments
+
+    def loss(p, xb, yb):
+        logits, moments = forward(p, xb, True)
+        logp = jax.nn.log_softmax(logits)
+        return -jnp.mean(logp[jnp.arange(len(yb)), yb]), moments
+
+    # jit only to keep the test fast: each step is still one separate, unvmapped call.
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    eval_fn = jax.jit(lambda p, xs, means, vars_: forward(p, xs, False, means, vars_)[0])
+
+    def accuracy(p, xs, ys):
+        logits = eval_fn(p, xs, run_mean, run_var)
+        return float(np.mean(np.argmax(np.asarray(logits), -1) == np.asarray(ys)))
+
+    epoch_losses, train_acc, eval_acc = [], [], []
+    for epoch_idx in order.reshape(order.shape[0], -1, order.shape[-1]):
+        losses = []
+        for idx in epoch_idx:
+            (value, moments), grads = grad_fn(params, x[idx], y[idx])
+            params = jax.tree.map(lambda a, g: a - lr * g, params, grads)
+            for i, (mu, var) in enumerate(moments):
+                run_mean[i] = momentum * run_mean[i] + (1 - momentum) * np.asarray(mu)
+                run_var[i] = momentum * run_var[i] + (1 - momentum) * np.asarray(var)
+            losses.append(float(value))
+        epoch_losses.append(np.mean(losses))
+        train_acc.append(accuracy(params, x, y))
+        eval_acc.append(accuracy(params, x_test, y_test))
+    return np.array(epoch_losses), np.array(train_acc), np.array(eval_acc)
+
+
+@pytest.fixture(scope="module")
+def sweep_case() -> dict:
+    """A small init sweep (3 scales x {plain, BN}) on separable synthetic data, run once."""
+    rng = np.random.default_rng(1)
+    n, d = 96, 20
+    centers = rng.normal(size=(4, d)).astype(np.float32)
+    y = rng.integers(0, 4, n).astype(np.int32)
+    x = (centers[y] + 0.7 * rng.normal(size=(n, d))).astype(np.float32)
+    data = mv.ArrayData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(x[:40]), jnp.asarray(y[:40]))
+    spec = mv.MLPSpec(depth=3, hidden=16, num_classes=4, bn_momentum=0.9)
+    lr, epochs = 0.1, 3
+    order = mv.minibatch_order(0, n, epochs=epochs, batch_size=16)
+    stds = jnp.asarray([1.0, 0.3, 0.05], jnp.float32)
+    unit = mv.init_sweep_unit_inits(jax.random.key(0), d, spec)
+    out = jax.jit(mv.make_init_sweep_program(spec, lr))(data, jnp.asarray(order), unit, stds)
+    return {"x": x, "y": y, "order": order, "unit": unit, "stds": stds, "lr": lr, "out": out}
+
+
+@pytest.mark.parametrize("variant", ["plain", "bn"])
+def test_init_sweep_program_matches_unvmapped_reference(sweep_case: dict, variant: str) -> None:
+    c = sweep_case
+    x, y, n = c["x"], c["y"], len(c["y"])
+    out = c["out"][variant]
+    k = 1  # one scale, taken from the vmapped batch
+    ref_loss, ref_train, ref_eval = _reference_run(
+        x, y, x[:40], y[:40], c["order"], c["unit"][variant][0], float(c["stds"][k]),
+        use_bn=variant == "bn", lr=c["lr"], momentum=0.9,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(out["train_loss"][k]), ref_loss, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["train_acc"][k]), ref_train, atol=1.5 / n)
+    np.testing.assert_allclose(np.asarray(out["eval_acc"][k]), ref_eval, atol=1.5 / 40)
+    assert not bool(out["diverged"][k])
+    # The sweep really differs across scales (the vmapped axis is not broadcast by mistake).
+    assert not math.isclose(float(out["train_loss"][0][-1]), float(out["train_loss"][2][-1]))
+
+
+def test_minibatch_order_is_a_permutation_per_epoch() -> None:
+    order = mv.minibatch_order(3, 50, epochs=4, batch_size=10, epochs_per_block=2)
+    assert order.shape == (2, 2, 5, 10)
+    for epoch in order.reshape(4, -1):
+        assert sorted(epoch.tolist()) == list(range(50))
+    with pytest.raises(ValueError, match="multiple"):
+        mv.minibatch_order(3, 50, epochs=3, batch_size=10, epochs_per_block=2)
+
+
+def test_scale_weights_keeps_biases_and_bn() -> None:
+    spec = mv.MLPSpec(depth=2, hidden=4, use_bn=True)
+    params, stats = mv.init_mlp(jax.random.key(0), 3, spec, 1.0)
+    scaled = mv.scale_weights(params, 0.5)
+    for a, b in zip(params["dense"], scaled["dense"], strict=True):
+        np.testing.assert_allclose(b["w"], 0.5 * a["w"])
+        np.testing.assert_array_equal(b["b"], a["b"])
+    assert scaled["bn"] is params["bn"] and len(stats) == 2
