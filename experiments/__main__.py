@@ -33,7 +33,13 @@ def registry() -> dict[str, Experiment]:
             if err.name == mod_name:
                 continue
             raise
-        for exp in mod.EXPERIMENTS:
+        exps = getattr(mod, "EXPERIMENTS", None)
+        if exps is None:
+            raise RuntimeError(
+                f"{mod_name} defines no EXPERIMENTS list; every experiment module must "
+                f"export EXPERIMENTS = [Experiment(...), ...] (see experiments/common.py)."
+            )
+        for exp in exps:
             found[exp.name] = exp
     return found
 
@@ -47,6 +53,7 @@ def write_report(out_dir: Path, experiments: list[Experiment]) -> Path:
         if (folder / "metrics.json").exists():
             parts.append(exp.report(folder).rstrip() + "\n")
     path = out_dir / "REPORT.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
 
@@ -78,8 +85,13 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     for exp in chosen:
-        folder = cfg.dir_for(exp.name)
-        if not args.plot_only:
+        if args.plot_only:
+            folder = cfg.out_dir / exp.name
+            if not (folder / "metrics.json").exists():
+                print(f"== {exp.name}: no {folder / 'metrics.json'}; run it first (skipped)")
+                continue
+        else:
+            folder = cfg.dir_for(exp.name)
             print(f"== {exp.name}", flush=True)
             exp.run(cfg)
         exp.plot(folder)
