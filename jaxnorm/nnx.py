@@ -94,9 +94,18 @@ def _fit(a: jax.Array | None, feature_shape: tuple[int, ...]) -> jax.Array | Non
 
 
 def _feature_shape(module: nnx.Module, name: str, axes: Axes, x: jax.Array) -> tuple[int, ...]:
+    """The shape of ``x`` at ``axes``, refusing one that does not hold ``num_features``."""
     with _errors_at(module):
         canon = _checks.canonical_axes(type(module).__name__, name, axes, jnp.ndim(x))
-    return tuple(x.shape[a] for a in canon)
+    shape = tuple(x.shape[a] for a in canon)
+    expected = getattr(module, "num_features", None)
+    if expected is not None and math.prod(shape) != expected:
+        raise ValueError(
+            f"{_name(module)}: num_features={expected} but x {tuple(x.shape)} has "
+            f"{math.prod(shape)} features on {name}={axes!r}. Construct the layer with "
+            f"num_features={math.prod(shape)}, or pass x with {expected} features there."
+        )
+    return shape
 
 
 def _training(module: nnx.Module, use_running_average: bool | None) -> bool:

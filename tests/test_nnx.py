@@ -305,12 +305,21 @@ def test_output_dtype_is_dtype_or_input_dtype(cls, args):
 
 
 def test_state_of_another_width_gets_the_core_message():
-    bn = jnnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
+    # A layer built for 3 features whose state came from a 4-feature layer.
+    bn = jnnx.BatchNorm(3, use_running_average=True, rngs=nnx.Rngs(0))
+    bn.mean = nnx.BatchStat(jnp.zeros(4))
     with pytest.raises(ValueError, match=r"^jaxnorm\.nnx\.BatchNorm: batch_norm: stats\.mean"):
         bn(_normal(9, (5, 3)))
-    ln = jnnx.LayerNorm(4, rngs=nnx.Rngs(0))
+    ln = jnnx.LayerNorm(3, rngs=nnx.Rngs(0))
+    ln.scale = nnx.Param(jnp.ones(4))
     with pytest.raises(ValueError, match=r"^jaxnorm\.nnx\.LayerNorm: layer_norm: scale has shape"):
         ln(_normal(9, (5, 3)))
+
+
+def test_input_of_another_width_names_num_features():
+    bn = jnnx.BatchNorm(4, use_running_average=True, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"num_features=4 but x \(5, 3\) has 3 features"):
+        bn(_normal(9, (5, 3)))
 
 
 @pytest.mark.parametrize(
