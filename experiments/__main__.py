@@ -51,7 +51,9 @@ def write_report(out_dir: Path, experiments: list[Experiment]) -> Path:
     for exp in sorted(experiments, key=lambda e: order.get(e.group, 2)):
         folder = out_dir / exp.name
         if (folder / "metrics.json").exists():
-            parts.append(exp.report(folder).rstrip() + "\n")
+            # Sections link figures from the repository root (results/<name>/...);
+            # REPORT.md sits in the output folder, so its links start at <name>/.
+            parts.append(exp.report(folder).rstrip().replace("](results/", "](") + "\n")
     path = out_dir / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
