@@ -1305,8 +1305,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def _regen(name: str, quick: bool) -> str:
-    lock = "" if quick else "flock /tmp/jaxnorm-heavy.lock "
-    return f"`{lock}python -m experiments {name}{' --quick' if quick else ''}`"
+    return f"`python -m experiments {name}{' --quick' if quick else ''}`"
 
 
 def report_charlm(folder: Path) -> str:

@@ -49,6 +49,15 @@ def test_large_mean_output_std_is_one_in_float32(fn):
     np.testing.assert_allclose(np.asarray(std), 1.0, rtol=0.01)
 
 
+@pytest.mark.parametrize("row", [2048, 4096])  # the two-pass / shifted boundary for rows
+def test_large_mean_long_rows(row):
+    x = 1e4 + jax.random.normal(jax.random.key(5), (4, row), jnp.float32)
+    y = jaxnorm.layer_norm(x)
+    np.testing.assert_allclose(np.asarray(jnp.std(y, axis=-1)), 1.0, rtol=0.01)
+    ref, _, _ = np_standardize(np.asarray(x), (1,), eps=1e-6)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=2e-3)
+
+
 def test_large_mean_beats_naive_formula():
     # The naive E[x^2] - E[x]^2 (flax's default) fails on this input; ours does not.
     x = 1e4 + jax.random.normal(jax.random.key(1), (16, 512), jnp.float32)
