@@ -85,10 +85,12 @@ def _scale_and_bias(
     return scale, bias
 
 
-def _feature_shape(module: nn.Module, x: jax.Array) -> tuple[int, ...]:
-    """The shape of ``x`` at ``module.axis`` (the kept feature axes)."""
+def _feature_shape(module: nn.Module, x: jax.Array, name: str = "axis") -> tuple[int, ...]:
+    """The shape of ``x`` at the module's feature axes (the field ``name``)."""
     with _errors_at(module):
-        axes = _checks.canonical_axes(type(module).__name__, "axis", module.axis, jnp.ndim(x))
+        axes = _checks.canonical_axes(
+            type(module).__name__, name, getattr(module, name), jnp.ndim(x)
+        )
     return tuple(x.shape[a] for a in axes)
 
 
@@ -344,11 +346,7 @@ class LayerNorm(nn.Module):
         Returns:
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
-        with _errors_at(self):
-            feature_axes = _checks.canonical_axes(
-                "LayerNorm", "feature_axes", self.feature_axes, jnp.ndim(x)
-            )
-        scale, bias = _scale_and_bias(self, tuple(x.shape[a] for a in feature_axes))
+        scale, bias = _scale_and_bias(self, _feature_shape(self, x, "feature_axes"))
         with _errors_at(self):
             return layer_norm(
                 x,
@@ -411,11 +409,7 @@ class RMSNorm(nn.Module):
         Returns:
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
-        with _errors_at(self):
-            feature_axes = _checks.canonical_axes(
-                "RMSNorm", "feature_axes", self.feature_axes, jnp.ndim(x)
-            )
-        scale, _ = _scale_and_bias(self, tuple(x.shape[a] for a in feature_axes), use_bias=False)
+        scale, _ = _scale_and_bias(self, _feature_shape(self, x, "feature_axes"), use_bias=False)
         with _errors_at(self):
             return rms_norm(
                 x,
@@ -578,7 +572,7 @@ class InstanceNorm(nn.Module):
                 f"on x {tuple(x.shape)} must leave out the batch axis 0 and leave at least one "
                 f"other axis to reduce. Pass e.g. feature_axes=-1 for (N, H, W, C) input."
             )
-        scale, bias = _scale_and_bias(self, tuple(x.shape[a] for a in feature_axes))
+        scale, bias = _scale_and_bias(self, _feature_shape(self, x, "feature_axes"))
         with _errors_at(self):
             return instance_norm(
                 x,

@@ -67,13 +67,17 @@ def _errors_at(module: nnx.Module) -> Iterator[None]:
         raise
 
 
-def _make_param(
+def _optional_param(
+    use: bool,
     init: Initializer,
     rngs: nnx.Rngs,
     num_features: int,
     dtype: Dtype,
     metadata: Mapping[str, Any],
-) -> nnx.Param:
+) -> nnx.Param | Any:
+    """A ``(num_features,)`` ``nnx.Param`` when ``use``, else an empty attribute (``None``)."""
+    if not use:
+        return nnx.data(None)
     return nnx.Param(init(rngs.params(), (num_features,), dtype), **metadata)
 
 
@@ -226,15 +230,11 @@ class BatchNorm(_Moded):
         self.var = nnx.BatchStat(stats.var)
         tracks_count = momentum is None or track_count
         self.count = nnx.BatchStat(stats.count) if tracks_count else nnx.data(None)
-        self.scale = (
-            _make_param(scale_init, rngs, num_features, param_dtype, scale_metadata)
-            if use_scale
-            else nnx.data(None)
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
         )
-        self.bias = (
-            _make_param(bias_init, rngs, num_features, param_dtype, bias_metadata)
-            if use_bias
-            else nnx.data(None)
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -352,15 +352,11 @@ class LayerNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        self.scale = (
-            _make_param(scale_init, rngs, num_features, param_dtype, scale_metadata)
-            if use_scale
-            else nnx.data(None)
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
         )
-        self.bias = (
-            _make_param(bias_init, rngs, num_features, param_dtype, bias_metadata)
-            if use_bias
-            else nnx.data(None)
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.epsilon = epsilon
@@ -440,10 +436,8 @@ class RMSNorm(nnx.Module):
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        self.scale = (
-            _make_param(scale_init, rngs, num_features, param_dtype, scale_metadata)
-            if use_scale
-            else nnx.data(None)
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
         )
         self.num_features = num_features
         self.epsilon = epsilon
@@ -551,15 +545,11 @@ class GroupNorm(nnx.Module):
         self.num_groups = num_features // group_size if num_groups is None else num_groups
         self.group_size = num_features // self.num_groups
         self.feature_axis = -1
-        self.scale = (
-            _make_param(scale_init, rngs, num_features, param_dtype, scale_metadata)
-            if use_scale
-            else nnx.data(None)
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
         )
-        self.bias = (
-            _make_param(bias_init, rngs, num_features, param_dtype, bias_metadata)
-            if use_bias
-            else nnx.data(None)
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.epsilon = epsilon
@@ -643,15 +633,11 @@ class InstanceNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        self.scale = (
-            _make_param(scale_init, rngs, num_features, param_dtype, scale_metadata)
-            if use_scale
-            else nnx.data(None)
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
         )
-        self.bias = (
-            _make_param(bias_init, rngs, num_features, param_dtype, bias_metadata)
-            if use_bias
-            else nnx.data(None)
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.epsilon = epsilon

@@ -36,6 +36,7 @@ from jaxnorm.nnx import (
     _feature_shape,
     _fit,
     _Moded,
+    _optional_param,
     _training,
     _value,
     _write,
@@ -64,26 +65,6 @@ __all__ = [
 class PowerNormGradStat(nnx.BatchStat):
     """PowerNorm's running gradient statistic ``nu``: a ``BatchStat`` that is updated
     from its gradient (:func:`update_grad_stats`), hence a type of its own to filter on."""
-
-
-def _scale_and_bias(
-    module: nnx.Module,
-    num_features: int,
-    *,
-    use_scale: bool,
-    use_bias: bool,
-    scale_init: Initializer,
-    bias_init: Initializer,
-    param_dtype: Dtype,
-    rngs: nnx.Rngs,
-    scale_metadata: Mapping[str, Any],
-    bias_metadata: Mapping[str, Any],
-) -> None:
-    def make(init: Initializer, metadata: Mapping[str, Any]) -> nnx.Param:
-        return nnx.Param(init(rngs.params(), (num_features,), param_dtype), **metadata)
-
-    module.scale = make(scale_init, scale_metadata) if use_scale else nnx.data(None)
-    module.bias = make(bias_init, bias_metadata) if use_bias else nnx.data(None)
 
 
 class BatchRenorm(_Moded):
@@ -163,17 +144,11 @@ class BatchRenorm(_Moded):
         self.mean = nnx.BatchStat(fresh.mean)
         self.var = nnx.BatchStat(fresh.var)
         self.count = nnx.BatchStat(fresh.count)
-        _scale_and_bias(
-            self,
-            num_features,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata,
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
+        )
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -315,17 +290,11 @@ class PowerNorm(_Moded):
         self.mean_square = nnx.BatchStat(fresh.mean_square)
         self.grad_stat = PowerNormGradStat(fresh.grad_stat)
         self.count = nnx.BatchStat(fresh.count)
-        _scale_and_bias(
-            self,
-            num_features,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata,
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
+        )
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.use_running_average = use_running_average
@@ -471,17 +440,11 @@ class GhostBatchNorm(_Moded):
         self.var = nnx.BatchStat(fresh.var)
         with_count = momentum is None or track_count
         self.count = nnx.BatchStat(fresh.count) if with_count else nnx.data(None)
-        _scale_and_bias(
-            self,
-            num_features,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata,
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
+        )
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.virtual_batch_size = virtual_batch_size
@@ -591,17 +554,11 @@ class FrozenBatchNorm(nnx.Module):
         fresh = init_batch_stats((num_features,))
         self.mean = nnx.BatchStat(fresh.mean)
         self.var = nnx.BatchStat(fresh.var)
-        _scale_and_bias(
-            self,
-            num_features,
-            use_scale=use_scale,
-            use_bias=use_bias,
-            scale_init=scale_init,
-            bias_init=bias_init,
-            param_dtype=param_dtype,
-            rngs=rngs,
-            scale_metadata=scale_metadata,
-            bias_metadata=bias_metadata,
+        self.scale = _optional_param(
+            use_scale, scale_init, rngs, num_features, param_dtype, scale_metadata
+        )
+        self.bias = _optional_param(
+            use_bias, bias_init, rngs, num_features, param_dtype, bias_metadata
         )
         self.num_features = num_features
         self.axis = axis
