@@ -34,12 +34,34 @@ Safety. :func:`restore_checkpoint` compares the stored tree with ``like`` leaf b
 leaf (tree structure, shapes, dtypes, PRNG key implementation, Python scalar types)
 and, before anything is loaded, raises a ``ValueError`` naming the first mismatching
 path in sorted path order, the order of ``jax.tree.leaves`` (``params/Dense_1/kernel:
-checkpoint has (64, 10), model expects (32, 10)``); a truncated or foreign file is
-refused with its path.
+checkpoint has (64, 10), model expects (32, 10)``). A Python scalar and a 0-d array of
+the same kind (``bool``; ``int`` and an integer dtype; ``float`` and a floating dtype;
+``complex`` and a complex dtype) are compatible: the value is restored into the type
+``like`` has, so a saved flax ``TrainState`` (whose ``step`` became a 0-d ``int32``
+array in a jitted step) restores into a fresh ``TrainState.create(...)`` (whose
+``step`` is the Python int 0), and back. A Python int that does not fit ``like``'s
+integer dtype, or a finite float that would overflow its floating dtype, is refused.
+
+Integrity. The file is a msgpack map ``{"format": FORMAT, "sha256": digest, "payload":
+bytes}``; ``payload`` is the msgpack of ``{"step": step, "target": state dict}`` and
+``digest`` is its 32-byte SHA-256. :func:`restore_checkpoint` (and
+:func:`checkpoint_step`) verify the digest before decoding the payload, so a flipped
+bit anywhere in the file — header, digest or data — is refused, never loaded as wrong
+values. Every unreadable file — truncated, corrupted, random bytes, another program's
+msgpack, a crafted file with the wrong structure or field types — raises
+``ValueError`` naming the file; no ``KeyError``, ``TypeError`` or msgpack error escapes.
+
+Older files. Checkpoints of the first format, ``"jaxnorm.checkpoint/1"`` (written by
+jaxnorm 0.1.0 before checksums, ``{"format", "step", "target"}`` without a digest),
+are refused by :func:`restore_checkpoint` with a message saying so, because their
+content cannot be verified. :func:`upgrade_checkpoint` rewrites such a file in the
+current format, in place and atomically, adding the digest of its content as it is
+now: check that the upgraded checkpoint restores the values you expect.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -58,11 +80,14 @@ __all__ = [
     "latest_checkpoint",
     "restore_checkpoint",
     "save_checkpoint",
+    "upgrade_checkpoint",
 ]
 
 T = TypeVar("T")
 
-FORMAT = "jaxnorm.checkpoint/1"  # stored in every file; a different value is refused
+FORMAT = "jaxnorm.checkpoint/2"  # stored in every file; a different value is refused
+_FORMAT_1 = "jaxnorm.checkpoint/1"  # no checksum: refused, see upgrade_checkpoint
+_FIELDS = ("format", "payload", "sha256")  # the keys of a file's outer map, sorted
 _PREFIX = "checkpoint_"
 _SUFFIX = ".msgpack"
 _NAME = re.compile(rf"^{_PREFIX}(\d+){re.escape(_SUFFIX)}$")
@@ -143,9 +168,24 @@ def save_checkpoint(ckpt_dir: PathLike, target: Any, *, step: int, keep: int | N
         raise ValueError(f"save_checkpoint: keep must be >= 1 or None; got {keep!r}.")
     directory = Path(ckpt_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "step": int(step), "target": _to_host(target)}
-    data = serialization.msgpack_serialize(payload)
     final = checkpoint_path(directory, step)
+    _write_atomic(final, _encode(int(step), _to_host(target)))
+    if keep is not None:
+        for old in list(_checkpoints(directory))[:-keep]:
+            old[1].unlink(missing_ok=True)
+    return final
+
+
+def _encode(step: int, host_state: Any) -> bytes:
+    """The bytes of a checkpoint file: the format, the payload and its SHA-256."""
+    payload = serialization.msgpack_serialize({"step": step, "target": host_state})
+    digest = hashlib.sha256(payload).digest()
+    return serialization.msgpack_serialize({"format": FORMAT, "sha256": digest, "payload": payload})
+
+
+def _write_atomic(final: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``final``, fsync, rename over ``final``."""
+    directory = final.parent
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -157,10 +197,6 @@ def save_checkpoint(ckpt_dir: PathLike, target: Any, *, step: int, keep: int | N
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
-    if keep is not None:
-        for old in list(_checkpoints(directory))[:-keep]:
-            old[1].unlink(missing_ok=True)
-    return final
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -206,34 +242,152 @@ def latest_checkpoint(ckpt_dir: PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _read(path: PathLike) -> dict[str, Any]:
+def _resolve(path: PathLike, caller: str) -> Path:
     p = Path(path)
     if p.is_dir():
         latest = latest_checkpoint(p)
         if latest is None:
-            raise FileNotFoundError(f"restore_checkpoint: no checkpoint in directory {str(p)!r}.")
+            raise FileNotFoundError(f"{caller}: no checkpoint in directory {str(p)!r}.")
         p = latest
-    raw = p.read_bytes()
+    return p
+
+
+def _unreadable(caller: str, p: Path, size: int, why: str) -> ValueError:
+    return ValueError(
+        f"{caller}: {str(p)!r} is not a readable checkpoint ({size} bytes; {why}). It may be "
+        f"truncated, corrupted or not written by jaxnorm.checkpoint; use the previous one "
+        f"(latest_checkpoint lists only complete files)."
+    )
+
+
+_UNREADABLE = object()  # what _unpack returns for bytes that do not decode
+
+
+def _unpack(data: bytes) -> Any:
+    """msgpack bytes → tree, or ``_UNREADABLE`` for anything msgpack or flax refuse."""
     try:
-        payload = serialization.msgpack_restore(raw)
-    except Exception as err:  # msgpack raises several types on truncated input
+        return serialization.msgpack_restore(data)
+    except Exception:  # msgpack, numpy and flax's chunk decoding raise many types
+        return _UNREADABLE
+
+
+def _read(path: PathLike, caller: str = "restore_checkpoint") -> tuple[Path, int, Any]:
+    """``(file, step, stored state dict)`` of a verified checkpoint, or a ``ValueError``."""
+    p = _resolve(path, caller)
+    raw = p.read_bytes()
+    outer = _unpack(raw)
+    if outer is _UNREADABLE:
+        raise _unreadable(caller, p, len(raw), "not msgpack, or cut short")
+    fmt = outer.get("format") if isinstance(outer, dict) else None
+    if fmt == _FORMAT_1:
         raise ValueError(
-            f"restore_checkpoint: {str(p)!r} is not a readable checkpoint ({len(raw)} bytes; "
-            f"{type(err).__name__}: {err}). It may be truncated or not written by "
-            f"jaxnorm.checkpoint; use the previous one (latest_checkpoint lists only complete "
-            f"files)."
-        ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise ValueError(
-            f"restore_checkpoint: {str(p)!r} is not a {FORMAT} file (format {found!r})."
+            f"{caller}: {str(p)!r} is a {_FORMAT_1} checkpoint, written before checkpoints "
+            f"carried a SHA-256 checksum, so its content cannot be verified and it is not "
+            f"loaded. If you trust the file, convert it once with "
+            f"jaxnorm.checkpoint.upgrade_checkpoint({str(p)!r}) and restore it again."
         )
-    return payload
+    if fmt != FORMAT:
+        found = f"format {fmt!r}" if isinstance(outer, dict) else type(outer).__name__
+        raise ValueError(f"{caller}: {str(p)!r} is not a {FORMAT} file ({found}).")
+    if sorted(map(str, outer)) != list(_FIELDS) or len(outer) != len(_FIELDS):
+        raise _unreadable(caller, p, len(raw), f"header keys {sorted(map(repr, outer))}")
+    digest, payload = outer["sha256"], outer["payload"]
+    if not isinstance(digest, bytes) or len(digest) != 32 or not isinstance(payload, bytes):
+        raise _unreadable(caller, p, len(raw), "malformed sha256 or payload field")
+    if hashlib.sha256(payload).digest() != digest:
+        raise ValueError(
+            f"{caller}: {str(p)!r} is corrupted: the SHA-256 of its payload does not match "
+            f"the checksum stored in the file, so nothing was loaded. Restore an earlier "
+            f"checkpoint."
+        )
+    inner = _unpack(payload)
+    step, target, why = _check_payload(inner)
+    if why:
+        raise _unreadable(caller, p, len(raw), why)
+    return p, step, target
+
+
+def _check_payload(inner: Any) -> tuple[int, Any, str | None]:
+    """``(step, target, None)``, or ``(0, None, what is wrong)`` for a malformed payload."""
+    if not isinstance(inner, dict) or sorted(map(str, inner)) != ["step", "target"]:
+        return 0, None, "the payload is not a map of step and target"
+    step = inner.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return 0, None, f"step {step!r} is not a non-negative int"
+    why = _malformed(inner["target"], "")
+    return step, inner["target"], (f"target {why}" if why else None)
+
+
+def _malformed(x: Any, path: str) -> str | None:
+    """What makes a decoded state dict unlike anything :func:`save_checkpoint` writes."""
+    where = path or "<root>"
+    if isinstance(x, dict):
+        if _KEY_TAG in x:
+            data = x.get("data")
+            if (
+                len(x) != 2
+                or not isinstance(x[_KEY_TAG], str)
+                or not isinstance(data, np.ndarray)
+                or data.dtype != np.uint32
+                or data.ndim < 1
+            ):
+                return f"{where}: a malformed PRNG key entry"
+            return None
+        for k, v in x.items():
+            if not isinstance(k, str):
+                return f"{where}: a map key {k!r} of type {type(k).__name__}"
+            found = _malformed(v, f"{path}/{k}" if path else k)
+            if found:
+                return found
+        return None
+    if isinstance(x, (np.ndarray, np.generic)) or _is_scalar(x):
+        return None
+    return f"{where}: an unexpected {type(x).__name__}"
 
 
 def checkpoint_step(path: PathLike) -> int:
-    """The step stored in a checkpoint file (or the latest one of a directory)."""
-    return int(_read(path)["step"])
+    """The step stored in a checkpoint file (or the latest one of a directory).
+
+    Raises:
+      FileNotFoundError: no such file, or a directory without checkpoints.
+      ValueError: the file is not a verified checkpoint (as :func:`restore_checkpoint`).
+    """
+    return _read(path, "checkpoint_step")[1]
+
+
+def upgrade_checkpoint(path: PathLike) -> Path:
+    """Rewrite a ``jaxnorm.checkpoint/1`` file in the current format, with a checksum.
+
+    Files of the first format carry no checksum; :func:`restore_checkpoint` refuses
+    them. This reads one, checks that it is well formed, and replaces it atomically
+    with the same step and state plus the SHA-256 of that content. The checksum
+    certifies the content as it is *now*: a file corrupted before the upgrade stays
+    corrupted, so restore it once and check its values. A file already in the
+    current format is verified and left as it is.
+
+    Args:
+      path: a checkpoint file, or a directory (its latest checkpoint is upgraded).
+
+    Returns:
+      The path of the upgraded file.
+
+    Raises:
+      FileNotFoundError: no such file, or a directory without checkpoints.
+      ValueError: the file is neither a well-formed first-format checkpoint nor a
+        verified current one.
+    """
+    p = _resolve(path, "upgrade_checkpoint")
+    raw = p.read_bytes()
+    old = _unpack(raw)
+    if not isinstance(old, dict) or old.get("format") != _FORMAT_1:
+        _read(p, "upgrade_checkpoint")  # a current file is verified, anything else refused
+        return p
+    rest = {k: v for k, v in old.items() if k != "format"}
+    step, target, why = _check_payload(rest)
+    if why:
+        raise _unreadable("upgrade_checkpoint", p, len(raw), why)
+    _write_atomic(p, _encode(step, target))
+    return p
 
 
 def _is_scalar(x: Any) -> bool:
@@ -301,7 +455,9 @@ def _mismatches(got: Any, want: Any, path: str) -> Iterator[str]:
     elif _is_stored_key(want):
         if not _is_stored_key(got) or got[_KEY_TAG] != want[_KEY_TAG]:
             yield differ
-        elif tuple(np.shape(got["data"])) != tuple(want["data"].shape):
+        elif tuple(got["data"].shape) != tuple(want["data"].shape):
+            yield differ
+        elif got["data"].dtype != want["data"].dtype:
             yield differ
     elif _is_scalar(want):
         if type(got) is not type(want):
@@ -340,8 +496,7 @@ def restore_checkpoint(path: PathLike, like: T) -> T:
         message names the first mismatching path (sorted path order), e.g. ``params/Dense_1/kernel:
         checkpoint has (64, 10), model expects (32, 10)``, and lists a few others.
     """
-    payload = _read(path)
-    stored = payload["target"]
+    file, step, stored = _read(path)
     problems = list(_mismatches(stored, _spec(like), ""))
     if problems:
         more = ""
@@ -349,7 +504,7 @@ def restore_checkpoint(path: PathLike, like: T) -> T:
             shown = "; ".join(problems[1:4])
             more = f" ({len(problems) - 1} more: {shown}{'; ...' if len(problems) > 4 else ''})"
         raise ValueError(
-            f"restore_checkpoint: {str(path)!r} (step {payload['step']}) does not fit the "
+            f"restore_checkpoint: {str(file)!r} (step {step}) does not fit the "
             f"model, nothing was loaded. First mismatch: {problems[0]}{more}. Restore into "
             f"a state built with the same model configuration and optimizer."
         )

@@ -8,6 +8,7 @@ bit for bit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import subprocess
 import sys
@@ -18,10 +19,11 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import msgpack
 import numpy as np
 import optax
 import pytest
-from flax import nnx
+from flax import nnx, serialization
 
 import jaxnorm
 import jaxnorm.linen as jnn
@@ -346,7 +348,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
     from flax import serialization
 
     path.write_bytes(serialization.msgpack_serialize({"params": {}}))
-    with pytest.raises(ValueError, match="not a jaxnorm.checkpoint/1 file"):
+    with pytest.raises(ValueError, match="not a jaxnorm.checkpoint/2 file"):
         ckpt.restore_checkpoint(path, state)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
@@ -357,6 +359,205 @@ def test_truncated_and_foreign_files_are_refused(tmp_path):
 def test_bad_step_or_keep_is_refused(tmp_path, step, keep):
     with pytest.raises(ValueError, match="step|keep"):
         ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(1)}, step=step, keep=keep)
+
+
+# ------------------------------------------------------------------ integrity
+
+
+def _small_state():
+    return {
+        "w": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3),
+        "stats": jaxnorm.init_batch_stats((3,))._replace(count=jnp.asarray(2, jnp.int32)),
+        "rng": jax.random.key(3),
+        "lr": 0.25,
+        "step": 7,
+    }
+
+
+def test_every_flipped_byte_is_refused_naming_the_file(tmp_path):
+    """The audit's attack: flip single bytes. None may load different values silently."""
+    state = _small_state()
+    path = ckpt.save_checkpoint(tmp_path, state, step=7)
+    data = path.read_bytes()
+    want = _comparable(state)
+    refused = loaded = 0
+    for i in range(len(data)):
+        for mask in (0x01, 0x10, 0x80, 0xFF):  # lowest bit, a middle bit, top bit, all bits
+            flipped = bytearray(data)
+            flipped[i] ^= mask
+            path.write_bytes(bytes(flipped))
+            try:
+                back = ckpt.restore_checkpoint(path, _small_state())
+            except ValueError as err:
+                assert str(path) in str(err), f"byte {i} ^ {mask:#x}: {err}"
+                refused += 1
+            else:  # only acceptable if nothing changed (impossible with a checksum)
+                chex.assert_trees_all_equal(_comparable(back), want)
+                loaded += 1
+    assert refused + loaded == 4 * len(data) and refused > 0
+
+
+def _file(payload, *, fmt=ckpt.FORMAT, digest=None, **extra) -> bytes:
+    """A file of the current layout around ``payload`` (bytes, or a tree to serialize)."""
+    if not isinstance(payload, bytes):
+        payload = msgpack.packb(payload, default=serialization._msgpack_ext_pack)
+    digest = hashlib.sha256(payload).digest() if digest is None else digest
+    return msgpack.packb({"format": fmt, "sha256": digest, "payload": payload, **extra})
+
+
+_W = np.zeros(3, np.float32)
+_KEY = np.asarray(jax.random.key_data(jax.random.key(0)))
+_GOOD_TARGET = {"w": _W, "rng": {"__prng_key__": "threefry2x32", "data": _KEY}}
+_RANDOM = np.random.default_rng(0).bytes(300)
+
+
+def _bad_ndarray(shape, dtype_name, buffer) -> msgpack.ExtType:
+    return msgpack.ExtType(1, msgpack.packb((shape, dtype_name, buffer)))
+
+
+CRAFTED = {
+    "empty": b"",
+    "random_bytes": _RANDOM,
+    "truncated_header": _file({"step": 1, "target": _GOOD_TARGET})[:20],
+    "truncated_last_byte": _file({"step": 1, "target": _GOOD_TARGET})[:-1],
+    "trailing_garbage": _file({"step": 1, "target": _GOOD_TARGET}) + b"\x00",
+    "msgpack_list": msgpack.packb([1, 2, 3]),
+    "msgpack_int": msgpack.packb(5),
+    "msgpack_str": msgpack.packb(ckpt.FORMAT),
+    "foreign_dict": msgpack.packb({"params": {}}),
+    "format_not_str": msgpack.packb({"format": 2, "sha256": b"", "payload": b""}),
+    "int_map_keys": msgpack.packb({1: 2, "format": ckpt.FORMAT}),
+    "no_checksum": msgpack.packb({"format": ckpt.FORMAT, "payload": b"x"}),
+    "extra_header_field": _file({"step": 1, "target": _GOOD_TARGET}, note="x"),
+    "checksum_as_hex_str": _file(b"\x80", digest=hashlib.sha256(b"\x80").hexdigest()),
+    "checksum_too_short": _file(b"\x80", digest=b"\x00" * 31),
+    "checksum_wrong": _file(b"\x80", digest=b"\x00" * 32),
+    "payload_not_bytes": msgpack.packb(
+        {"format": ckpt.FORMAT, "sha256": b"\x00" * 32, "payload": "text"}
+    ),
+    "payload_not_msgpack": _file(b"\xc1"),
+    "payload_cut_short": _file(msgpack.packb({"step": 1, "target": {}})[:-1]),
+    "payload_a_list": _file([1, "step"]),
+    "payload_without_step": _file({"target": _GOOD_TARGET}),
+    "payload_extra_field": _file({"step": 1, "target": _GOOD_TARGET, "x": 1}),
+    "step_a_str": _file({"step": "1", "target": _GOOD_TARGET}),
+    "step_negative": _file({"step": -1, "target": _GOOD_TARGET}),
+    "step_a_bool": _file({"step": True, "target": _GOOD_TARGET}),
+    "step_a_float": _file({"step": 1.0, "target": _GOOD_TARGET}),
+    "target_a_list": _file({"step": 1, "target": [_W]}),
+    "target_int_keys": _file({"step": 1, "target": {1: _W, "rng": _GOOD_TARGET["rng"]}}),
+    "target_mixed_key_types": _file({"step": 1, "target": {**_GOOD_TARGET, b"w": _W}}),
+    "leaf_a_list": _file({"step": 1, "target": {**_GOOD_TARGET, "w": [0.0, 0.0, 0.0]}}),
+    "leaf_unknown_ext": _file(
+        {"step": 1, "target": {**_GOOD_TARGET, "w": msgpack.ExtType(42, b"x")}}
+    ),
+    "ndarray_bad_buffer": _file(
+        {"step": 1, "target": {**_GOOD_TARGET, "w": _bad_ndarray((3,), b"float32", b"\0" * 5)}}
+    ),
+    "ndarray_object_dtype": _file(
+        {"step": 1, "target": {**_GOOD_TARGET, "w": _bad_ndarray((1,), b"O", b"\0" * 8)}}
+    ),
+    "ndarray_bad_dtype_name": _file(
+        {"step": 1, "target": {**_GOOD_TARGET, "w": _bad_ndarray((1,), b"nope", b"\0" * 8)}}
+    ),
+    "ndarray_garbage_ext": _file(
+        {"step": 1, "target": {**_GOOD_TARGET, "w": msgpack.ExtType(1, b"\xc1")}}
+    ),
+    "chunked_array_malformed": _file(
+        {"step": 1, "target": {**_GOOD_TARGET, "w": {"__msgpack_chunked_array__": True}}}
+    ),
+    "key_without_data": _file({"step": 1, "target": {"w": _W, "rng": {"__prng_key__": "x"}}}),
+    "key_tag_not_str": _file(
+        {"step": 1, "target": {"w": _W, "rng": {"__prng_key__": 3, "data": _KEY}}}
+    ),
+    "key_data_float": _file(
+        {
+            "step": 1,
+            "target": {
+                "w": _W,
+                "rng": {"__prng_key__": "threefry2x32", "data": _KEY.astype(np.float32)},
+            },
+        }
+    ),
+    "key_data_wrong_shape": _file(
+        {"step": 1, "target": {"w": _W, "rng": {"__prng_key__": "threefry2x32", "data": _KEY[:1]}}}
+    ),
+    "key_data_int32": _file(
+        {
+            "step": 1,
+            "target": {
+                "w": _W,
+                "rng": {"__prng_key__": "threefry2x32", "data": _KEY.astype(np.int32)},
+            },
+        }
+    ),
+    "key_data_a_scalar": _file(
+        {"step": 1, "target": {"w": _W, "rng": {"__prng_key__": "threefry2x32", "data": 7}}}
+    ),
+    "leaf_wrong_dtype": _file({"step": 1, "target": {**_GOOD_TARGET, "w": _W.astype(np.int32)}}),
+    "leaf_a_str": _file({"step": 1, "target": {**_GOOD_TARGET, "w": "zeros"}}),
+    "leaf_a_subtree": _file({"step": 1, "target": {**_GOOD_TARGET, "w": {"a": _W}}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CRAFTED))
+def test_a_crafted_or_corrupted_file_raises_the_documented_value_error(tmp_path, name):
+    path = ckpt.checkpoint_path(tmp_path, 1)
+    path.write_bytes(CRAFTED[name])
+    like = {"w": jnp.zeros(3), "rng": jax.random.key(1)}
+    with pytest.raises(ValueError) as info:
+        ckpt.restore_checkpoint(path, like)
+    assert str(path) in str(info.value)
+    if name.startswith(("leaf_", "key_data_wrong", "key_data_int32")):
+        return  # well-formed files that do not fit `like`: checkpoint_step reads them
+    with pytest.raises(ValueError) as info:
+        ckpt.checkpoint_step(path)
+    assert str(path) in str(info.value)
+
+
+def test_the_crafting_helper_makes_files_that_restore(tmp_path):
+    """Guards the crafted cases above: their only defect is the one each names."""
+    path = ckpt.checkpoint_path(tmp_path, 1)
+    path.write_bytes(_file({"step": 1, "target": _GOOD_TARGET}))
+    back = ckpt.restore_checkpoint(path, {"w": jnp.ones(3), "rng": jax.random.key(1)})
+    np.testing.assert_array_equal(back["w"], _W)
+    np.testing.assert_array_equal(jax.random.key_data(back["rng"]), _KEY)
+    assert ckpt.checkpoint_step(path) == 1
+
+
+def _write_format_1(path: Path, state, step: int) -> None:
+    """A file exactly as jaxnorm.checkpoint/1 wrote it (no checksum)."""
+    payload = {"format": "jaxnorm.checkpoint/1", "step": step, "target": ckpt._to_host(state)}
+    path.write_bytes(serialization.msgpack_serialize(payload))
+
+
+def test_a_format_1_file_is_refused_with_the_way_to_convert_it(tmp_path):
+    state = _small_state()
+    path = ckpt.checkpoint_path(tmp_path, 7)
+    _write_format_1(path, state, 7)
+    for read in (lambda: ckpt.restore_checkpoint(path, state), lambda: ckpt.checkpoint_step(path)):
+        with pytest.raises(ValueError, match="jaxnorm.checkpoint/1.*checksum") as info:
+            read()
+        assert f"upgrade_checkpoint({str(path)!r})" in str(info.value)
+    assert ckpt.upgrade_checkpoint(tmp_path) == path
+    assert ckpt.checkpoint_step(path) == 7
+    back = ckpt.restore_checkpoint(path, _small_state())
+    chex.assert_trees_all_equal(_comparable(back), _comparable(state))
+    upgraded = path.read_bytes()
+    assert ckpt.upgrade_checkpoint(path) == path and path.read_bytes() == upgraded  # no-op
+    flipped = bytearray(upgraded)
+    flipped[-3] ^= 0x01
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted"):
+        ckpt.upgrade_checkpoint(path)
+
+
+def test_upgrade_refuses_a_malformed_format_1_file(tmp_path):
+    path = ckpt.checkpoint_path(tmp_path, 1)
+    path.write_bytes(serialization.msgpack_serialize({"format": "jaxnorm.checkpoint/1"}))
+    with pytest.raises(ValueError, match="not a map of step and target") as info:
+        ckpt.upgrade_checkpoint(path)
+    assert str(path) in str(info.value)
 
 
 # ------------------------------------------------------------------ atomic saves
