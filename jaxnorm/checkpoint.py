@@ -460,8 +460,14 @@ def _mismatches(got: Any, want: Any, path: str) -> Iterator[str]:
         elif got["data"].dtype != want["data"].dtype:
             yield differ
     elif _is_scalar(want):
-        if type(got) is not type(want):
+        if type(got) is not type(want) and not _same_kind(want, got):
             yield differ
+    elif _is_scalar(got) and _same_kind(got, want):
+        if not _fits(got, want.dtype):
+            yield (
+                f"{where}: checkpoint has the Python {type(got).__name__} {got!r}, which the "
+                f"model's array () {np.dtype(want.dtype)} cannot hold"
+            )
     elif isinstance(got, dict) or _is_scalar(got) or not hasattr(got, "shape"):
         yield differ
     elif tuple(got.shape) != tuple(want.shape):
@@ -473,13 +479,50 @@ def _mismatches(got: Any, want: Any, path: str) -> Iterator[str]:
         )
 
 
+_SCALAR_KINDS = {bool: "bool", int: "int", float: "float", complex: "complex"}
+
+
+def _dtype_kind(dtype: Any) -> str | None:
+    if np.dtype(dtype) == np.bool_:
+        return "bool"
+    kinds = (("int", jnp.integer), ("float", jnp.floating), ("complex", jnp.complexfloating))
+    return next((kind for kind, base in kinds if jnp.issubdtype(dtype, base)), None)
+
+
+def _same_kind(scalar: Any, array: Any) -> bool:
+    """A Python ``bool``/``int``/``float``/``complex`` and a 0-d array of that kind."""
+    kind = _SCALAR_KINDS.get(type(scalar))
+    return (
+        kind is not None
+        and hasattr(array, "dtype")
+        and tuple(np.shape(array)) == ()
+        and _dtype_kind(array.dtype) == kind
+    )
+
+
+def _fits(value: bool | int | float | complex, dtype: Any) -> bool:
+    """Whether ``dtype`` holds the Python scalar ``value`` (ints exactly, finite floats finite)."""
+    if _dtype_kind(dtype) == "int":
+        info = jnp.iinfo(dtype)
+        return int(info.min) <= value <= int(info.max)
+    if _dtype_kind(dtype) in ("float", "complex"):
+        with np.errstate(over="ignore"):
+            cast = np.asarray(value, dtype)
+        return bool(np.isfinite(cast)) or not np.isfinite(value)
+    return True
+
+
 def restore_checkpoint(path: PathLike, like: T) -> T:
     """Load a checkpoint into the structure of ``like``, refusing anything that does not fit.
 
     ``like`` is a state of the model being resumed (e.g. freshly initialized): only its
     structure, shapes, dtypes and shardings are used. The stored tree must match it
     exactly (same keys, shapes, dtypes, PRNG key implementation, Python scalar types)
-    or nothing is loaded.
+    or nothing is loaded. One exception: a Python scalar and a 0-d array of the same
+    kind (bool; int and an integer dtype; float and a floating dtype; complex and a
+    complex dtype) fit each other, and the value takes ``like``'s type, so a flax
+    ``TrainState`` saved after jitted steps (``step`` a 0-d ``int32`` array) restores
+    into a fresh ``TrainState.create(...)`` (``step`` the Python int 0).
 
     Args:
       path: a checkpoint file, or a directory (its latest checkpoint is used).
@@ -487,8 +530,9 @@ def restore_checkpoint(path: PathLike, like: T) -> T:
 
     Returns:
       A tree of ``like``'s type holding the stored values. A leaf that is a
-      ``jax.Array`` in ``like`` is put on ``like``'s sharding, a typed PRNG key is
-      rebuilt as a key, a NumPy array stays NumPy, a Python scalar stays a Python scalar.
+      ``jax.Array`` in ``like`` is put on ``like``'s sharding with ``like``'s dtype, a
+      typed PRNG key is rebuilt as a key, a NumPy array or scalar stays NumPy, a Python
+      scalar stays a Python scalar of ``like``'s type.
 
     Raises:
       FileNotFoundError: no such file, or a directory without checkpoints.
@@ -515,9 +559,13 @@ def restore_checkpoint(path: PathLike, like: T) -> T:
             key = jax.random.wrap_key_data(data, impl=jax.random.key_impl(like_leaf))
             return jax.device_put(key, like_leaf.sharding)
         if isinstance(like_leaf, jax.Array):
-            return jax.device_put(np.asarray(stored_leaf), like_leaf.sharding)
+            return jax.device_put(np.asarray(stored_leaf, like_leaf.dtype), like_leaf.sharding)
         if isinstance(like_leaf, np.ndarray):
-            return np.asarray(stored_leaf)
+            return np.asarray(stored_leaf, like_leaf.dtype)
+        if isinstance(like_leaf, np.generic):
+            return np.asarray(stored_leaf, like_leaf.dtype)[()]
+        if type(like_leaf) in _SCALAR_KINDS and type(stored_leaf) is not type(like_leaf):
+            return type(like_leaf)(np.asarray(stored_leaf)[()])  # a 0-d array of its kind
         return stored_leaf
 
     # Both trees flatten in sorted-key order; a stored key's {tag, data} dict is one leaf.

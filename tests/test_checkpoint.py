@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import chex
 import flax.linen as nn
@@ -24,6 +25,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx, serialization
+from flax.training import train_state
 
 import jaxnorm
 import jaxnorm.linen as jnn
@@ -241,6 +243,219 @@ def test_nnx_model_state_round_trip(tmp_path):
     assert not np.allclose(fresh.mean[...], 0.0)
 
 
+# ------------------------------------------------------------------ Python scalars vs 0-d arrays
+
+SCALAR_PAIRS = [
+    # (id, saved value, like value, expected restored value)
+    ("int_from_int32", jnp.asarray(5, jnp.int32), 0, 5),
+    ("int_from_uint32", np.asarray(7, np.uint32), 0, 7),
+    ("int32_from_int", 5, jnp.zeros((), jnp.int32), np.int32(5)),
+    ("int8_from_int", -128, np.zeros((), np.int8), np.int8(-128)),
+    ("float_from_float32", jnp.asarray(0.1, jnp.float32), 1.0, float(np.float32(0.1))),
+    ("float_from_bfloat16", jnp.asarray(1.5, jnp.bfloat16), 0.0, 1.5),
+    ("float32_from_float", 0.1, jnp.zeros((), jnp.float32), np.float32(0.1)),
+    ("bfloat16_from_float", 0.1, jnp.zeros((), jnp.bfloat16), np.asarray(0.1, jnp.bfloat16)),
+    ("float32_from_inf", float("inf"), jnp.zeros((), jnp.float32), np.float32(np.inf)),
+    ("bool_from_bool_array", jnp.asarray(True), False, True),
+    ("bool_array_from_bool", True, jnp.zeros((), bool), np.bool_(True)),
+    ("complex_from_complex64", np.asarray(1 + 2j, np.complex64), 0j, 1 + 2j),
+    ("np_float32_scalar_from_float", 0.5, np.float32(0.0), np.float32(0.5)),
+]
+
+
+@pytest.mark.parametrize(
+    "saved, like, want", [c[1:] for c in SCALAR_PAIRS], ids=[c[0] for c in SCALAR_PAIRS]
+)
+def test_a_python_scalar_and_a_0d_array_of_the_same_kind_restore_into_likes_type(
+    tmp_path, saved, like, want
+):
+    ckpt.save_checkpoint(tmp_path, {"v": saved}, step=1)
+    back = ckpt.restore_checkpoint(tmp_path, {"v": like})["v"]
+    assert type(back) is type(like), (type(back), type(like))
+    if isinstance(like, (jax.Array, np.ndarray, np.generic)):
+        assert back.dtype == like.dtype and np.shape(back) == ()
+        if isinstance(like, jax.Array):
+            assert back.sharding == like.sharding
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(want))
+
+
+SCALAR_REFUSALS = [
+    # (id, saved, like, the message after "v: checkpoint has ")
+    ("int_vs_float32", jnp.asarray(1.0), 0, "an array () float32, model expects a Python int"),
+    ("float_vs_int32", jnp.asarray(1), 0.0, "an array () int32, model expects a Python float"),
+    ("bool_vs_int32", jnp.asarray(1), False, "an array () int32, model expects a Python bool"),
+    ("int_vs_bool", jnp.asarray(True), 0, "an array () bool, model expects a Python int"),
+    ("int_vs_1d", jnp.asarray([1]), 0, "an array (1,) int32, model expects a Python int"),
+    (
+        "int32_vs_float",
+        1.5,
+        jnp.zeros((), jnp.int32),
+        "a Python float, model expects an array () int32",
+    ),
+    (
+        "int8_overflow",
+        128,
+        np.zeros((), np.int8),
+        "the Python int 128, which the model's array () int8 cannot hold",
+    ),
+    (
+        "uint8_negative",
+        -1,
+        np.zeros((), np.uint8),
+        "the Python int -1, which the model's array () uint8 cannot hold",
+    ),
+    (
+        "float16_overflow",
+        1e5,
+        np.zeros((), np.float16),
+        "the Python float 100000.0, which the model's array () float16 cannot hold",
+    ),
+    (
+        "float32_vs_complex",
+        1j,
+        jnp.zeros((), jnp.float32),
+        "a Python complex, model expects an array () float32",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "saved, like, words", [c[1:] for c in SCALAR_REFUSALS], ids=[c[0] for c in SCALAR_REFUSALS]
+)
+def test_a_scalar_of_another_kind_or_out_of_range_is_refused(tmp_path, saved, like, words):
+    path = ckpt.save_checkpoint(tmp_path, {"v": saved}, step=1)
+    with pytest.raises(ValueError, match="nothing was loaded") as info:
+        ckpt.restore_checkpoint(path, {"v": like})
+    assert f"v: checkpoint has {words}" in str(info.value), str(info.value)
+
+
+class _TrainState(train_state.TrainState):
+    """flax's recommended TrainState with BatchNorm statistics."""
+
+    batch_stats: Any
+
+
+def _create_train_state(seed: int) -> _TrainState:
+    """What a new process runs: ``TrainState.create``, whose ``step`` is the Python int 0."""
+    v = MLP().init(jax.random.key(seed), jnp.zeros((2, 8)), train=False)
+    return _TrainState.create(
+        apply_fn=MLP().apply, params=v["params"], tx=TX, batch_stats=v["batch_stats"]
+    )
+
+
+@jax.jit
+def _train_state_step(state: _TrainState, x, y, key):
+    def loss_fn(params):
+        logits, upd = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            x,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
+    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    return state.apply_gradients(grads=grads, batch_stats=upd["batch_stats"]), loss
+
+
+def _run_train_state(state, start, stop):
+    xs, ys = _batches()
+    losses = []
+    for i in range(start, stop):
+        state, loss = _train_state_step(state, xs[i], ys[i], jax.random.key(1000 + i))
+        losses.append(float(loss))
+    return state, losses
+
+
+def test_readme_resume_recipe_with_a_fresh_flax_train_state(tmp_path):
+    """README: build a fresh state of the same model, then ``restore_checkpoint(..., like=)``."""
+    straight, losses_straight = _run_train_state(_create_train_state(0), 0, STEPS)
+    first, losses_a = _run_train_state(_create_train_state(0), 0, SPLIT)
+    assert isinstance(first.step, jax.Array) and first.step.dtype == jnp.int32
+    ckpt.save_checkpoint(tmp_path, first, step=int(first.step))
+
+    fresh = _create_train_state(7)
+    assert fresh.step == 0 and type(fresh.step) is int
+    path = ckpt.latest_checkpoint(tmp_path)
+    resumed = ckpt.restore_checkpoint(path, like=fresh)
+    assert type(resumed.step) is int and resumed.step == SPLIT
+    assert resumed.tx is TX and resumed.apply_fn is not None
+    resumed, losses_b = _run_train_state(resumed, SPLIT, STEPS)
+    assert losses_a + losses_b == losses_straight
+    chex.assert_trees_all_equal(
+        (resumed.params, resumed.batch_stats, resumed.opt_state, int(resumed.step)),
+        (straight.params, straight.batch_stats, straight.opt_state, int(straight.step)),
+    )
+
+    # The other way round: a state saved with a Python int step restores into an array one.
+    ckpt.save_checkpoint(tmp_path, _create_train_state(0), step=0)
+    back = ckpt.restore_checkpoint(
+        ckpt.checkpoint_path(tmp_path, 0), like=first.replace(step=jnp.asarray(9, jnp.int32))
+    )
+    assert isinstance(back.step, jax.Array) and back.step.dtype == jnp.int32 and back.step == 0
+
+
+class _NNXNet(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense_0 = nnx.Linear(8, 32, rngs=rngs)
+        self.bn = jnnx.BatchNorm(32, momentum=0.9, rngs=rngs)
+        self.dense_1 = nnx.Linear(32, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dense_1(nnx.relu(self.bn(self.dense_0(x))))
+
+
+@nnx.jit
+def _nnx_step(model, optimizer, x, y):
+    def loss_fn(model):
+        return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def _fresh_nnx(seed: int):
+    model = _NNXNet(nnx.Rngs(seed))
+    model.train()
+    return model, nnx.Optimizer(model, TX, wrt=nnx.Param)
+
+
+def _run_nnx(model, optimizer, start, stop):
+    xs, ys = _batches()
+    return [float(_nnx_step(model, optimizer, xs[i], ys[i])) for i in range(start, stop)]
+
+
+def test_readme_resume_recipe_with_a_fresh_nnx_state(tmp_path):
+    straight_model, straight_opt = _fresh_nnx(0)
+    losses_straight = _run_nnx(straight_model, straight_opt, 0, STEPS)
+
+    model, optimizer = _fresh_nnx(0)
+    losses_a = _run_nnx(model, optimizer, 0, SPLIT)
+    pure = {
+        "model": nnx.to_pure_dict(nnx.state(model)),
+        "optimizer": nnx.to_pure_dict(nnx.state(optimizer)),
+    }
+    ckpt.save_checkpoint(tmp_path, pure, step=SPLIT)
+    del model, optimizer
+
+    model, optimizer = _fresh_nnx(7)  # the new process
+    states = {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}
+    like = {k: nnx.to_pure_dict(v) for k, v in states.items()}
+    restored = ckpt.restore_checkpoint(ckpt.latest_checkpoint(tmp_path), like=like)
+    for name, target in (("model", model), ("optimizer", optimizer)):
+        nnx.replace_by_pure_dict(states[name], restored[name])
+        nnx.update(target, states[name])
+    assert int(optimizer.step[...]) == SPLIT
+    losses_b = _run_nnx(model, optimizer, SPLIT, STEPS)
+    assert losses_a + losses_b == losses_straight
+    chex.assert_trees_all_equal(
+        nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(straight_model))
+    )
+    assert not np.allclose(model.bn.mean[...], 0.0)
+
+
 # ------------------------------------------------------------------ refusals
 
 
@@ -309,9 +524,14 @@ MISFITS = [
         ["rng: checkpoint has a PRNG key", "model expects an array (2,) uint32"],
     ),
     (
-        "scalar_vs_array",
-        lambda s: {**s, "step": 0},
-        ["step: checkpoint has an array () int32, model expects a Python int"],
+        "scalar_of_another_kind",
+        lambda s: {**s, "step": 0.0},
+        ["step: checkpoint has an array () int32, model expects a Python float"],
+    ),
+    (
+        "one_element_array_vs_scalar",
+        lambda s: {**s, "step": jnp.zeros((1,), jnp.int32)},
+        ["step: checkpoint has (), model expects (1,)"],
     ),
 ]
 
