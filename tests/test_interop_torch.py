@@ -302,3 +302,145 @@ def test_preset_rmsnorm_default_eps_is_what_torch_uses(dtype):
     ref = x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
     tol = 1e-12 if dtype == torch.float64 else 1e-2
     assert float((y - ref).abs().max()) < tol
+
+
+# ------------------------------------------------------------------ complete layers only
+
+_nn = torch.nn
+# Every configuration of each kind, as torch builds it: their state_dict key sets are
+# the reference for what a complete layer holds.
+TORCH_CONFIGS = {
+    "conv": [_nn.Conv2d(2, 3, 3), _nn.Conv1d(2, 3, 3, bias=False), _nn.Conv3d(2, 3, 1)],
+    "linear": [_nn.Linear(2, 3), _nn.Linear(2, 3, bias=False)],
+    "batch_norm": [
+        _nn.BatchNorm1d(3),
+        _nn.BatchNorm2d(3, affine=False),
+        _nn.BatchNorm3d(3, track_running_stats=False),
+        _nn.BatchNorm2d(3, momentum=None),
+        _nn.SyncBatchNorm(3),
+    ],
+    "layer_norm": [
+        _nn.LayerNorm(3),
+        _nn.LayerNorm(3, bias=False),
+        _nn.LayerNorm(3, elementwise_affine=False),
+    ],
+    "group_norm": [_nn.GroupNorm(1, 3), _nn.GroupNorm(1, 3, affine=False)],
+    "rms_norm": [_nn.RMSNorm(3), _nn.RMSNorm(3, elementwise_affine=False)],
+    "instance_norm": [_nn.InstanceNorm2d(3, affine=True), _nn.InstanceNorm1d(3)],
+}
+COMPLETE_SETS = {
+    kind: {frozenset(m.state_dict()) for m in modules} for kind, modules in TORCH_CONFIGS.items()
+}
+# torch < 0.4.1 wrote no num_batches_tracked, and torch still loads such state_dicts.
+COMPLETE_SETS["batch_norm"] |= {s - {"num_batches_tracked"} for s in COMPLETE_SETS["batch_norm"]}
+
+DELETIONS = [
+    (kind, i, key)
+    for kind, modules in TORCH_CONFIGS.items()
+    for i, module in enumerate(modules)
+    for key in module.state_dict()
+]
+
+
+# A bare state_dict shows a conv/Linear by its weight's rank and a batch norm by its
+# running statistics; any other 1-D weight/bias pair reads as "a norm", complete when
+# it is what some torch norm writes.
+_STATS = {"running_mean", "running_var", "num_batches_tracked"}
+NORM_SETS = {s for sets in COMPLETE_SETS.values() for s in sets if s and s <= {"weight", "bias"}}
+
+
+@pytest.mark.parametrize(
+    "kind, index, key", DELETIONS, ids=[f"{k}{i}-{key}" for k, i, key in DELETIONS]
+)
+@pytest.mark.parametrize("with_kinds", [True, False], ids=["kinds", "inferred"])
+def test_a_layer_missing_a_tensor_is_refused_naming_it(kind, index, key, with_kinds):
+    """Delete each tensor of each real torch layer: convert only what torch itself writes."""
+    state = {f"net.layer.{k}": v for k, v in TORCH_CONFIGS[kind][index].state_dict().items()}
+    del state[f"net.layer.{key}"]
+    left = frozenset(k.rpartition(".")[2] for k in state)
+    if not left:  # torch's layer without tensors (e.g. elementwise_affine=False): nothing
+        assert jax.tree.leaves(jt.from_torch(state)) == []
+        return
+    kinds = {"net.layer": kind} if with_kinds else None
+    if with_kinds or kind in ("conv", "linear") or left & _STATS:
+        complete = COMPLETE_SETS[kind]
+    else:
+        complete = NORM_SETS
+    if left in complete:  # what torch writes for another configuration of the layer
+        variables = jt.from_torch(state, kinds=kinds, with_count=True)
+        count_added = "running_mean" in left and "num_batches_tracked" not in left
+        assert len(jax.tree.leaves(variables)) == len(left) + count_added
+        return
+    with pytest.raises(ValueError, match="is incomplete") as info:
+        jt.from_torch(state, kinds=kinds)
+    assert f"'net.layer.{key}'" in str(info.value), str(info.value)
+
+
+def test_batch_norm_without_running_var_is_refused_also_with_like():
+    """The audit's case: it converted, then evaluated without a variance."""
+    tm = torch_cnn(0.1)
+    state = tm.state_dict()
+    del state["4.running_var"]
+    with pytest.raises(
+        ValueError,
+        match=r"'4' \(a 'batch_norm' layer\) is incomplete: \['4.running_var'\] is missing",
+    ):
+        jt.from_torch(state, "compact")
+    like = _shapes(FlaxCNN(bn=jt.preset(tm[1])), jnp.zeros((1, 6, 6, 3)), train=False)
+    with pytest.raises(ValueError, match=r"\['4.running_var'\] is missing") as info:
+        jt.from_torch(state, "compact", like=like)
+    assert "mapping" not in str(info.value)
+
+
+def test_with_like_a_variable_torch_lacks_names_the_torch_key():
+    """Complete torch layers without a bias or statistics vs. Flax layers with them."""
+
+    class Twin(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4)(x)
+            x = jnn.LayerNorm()(x)  # use_bias=True; torch's LayerNorm(4, bias=False) has none
+            return jnn.BatchNorm(use_running_average=True)(x)
+
+    tm = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.LayerNorm(4, bias=False), torch.nn.BatchNorm1d(4)
+    )
+    like = _shapes(Twin(), jnp.zeros((1, 3)))
+    with pytest.raises(
+        ValueError, match="'params/LayerNorm_0/bias', which comes from torch '1.bias'"
+    ) as info:
+        jt.from_torch(tm, "compact", like=like)
+    assert "use_bias=False" in str(info.value) and "mapping" not in str(info.value)
+
+    untracked = torch.nn.Sequential(torch.nn.BatchNorm1d(4, track_running_stats=False))
+    like = _shapes(jnn.BatchNorm(use_running_average=True), jnp.zeros((1, 4)))
+    with pytest.raises(
+        ValueError, match="'batch_stats/mean', which comes from torch 'running_mean'"
+    ):
+        jt.from_torch(untracked[0], like=like)
+
+
+def test_rms_norm_with_a_bias_is_refused():
+    state = {"rms.weight": torch.ones(3), "rms.bias": torch.zeros(3)}
+    with pytest.raises(TypeError, match=r"holds tensors \['bias'\] that a 'rms_norm' layer"):
+        jt.from_torch(state, kinds={"rms": "rms_norm"})
+
+
+def test_to_torch_refuses_a_flax_layer_torch_cannot_hold_and_round_trips_untracked_bn():
+    variables = {
+        "params": {"bn": {"scale": jnp.ones(3)}},  # use_bias=False: torch's affine has both
+        "batch_stats": {"bn": {"mean": jnp.zeros(3), "var": jnp.ones(3)}},
+    }
+    with pytest.raises(
+        ValueError, match=r"'bn' converts to an incomplete torch layer 'bn'.*\['bn.bias'\]"
+    ):
+        jt.to_torch(variables)
+    # BatchNorm(track_running_stats=False) holds only weight and bias, and so does its inverse.
+    tm = torch.nn.Sequential(torch.nn.BatchNorm1d(3, track_running_stats=False))
+    with torch.no_grad():
+        tm[0].weight.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    back = jt.to_torch(jt.from_torch(tm), template=tm)
+    assert sorted(back) == ["0.bias", "0.weight"]
+    fresh = torch.nn.Sequential(torch.nn.BatchNorm1d(3, track_running_stats=False))
+    fresh.load_state_dict(back, strict=True)
+    np.testing.assert_array_equal(_n(fresh[0].weight), [1.0, 2.0, 3.0])

@@ -19,6 +19,31 @@ Tensor conventions (torch -> Flax):
 * ``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm*d``: ``weight`` ->
   ``params/scale``, ``bias`` -> ``params/bias``.
 
+Layer kinds and completeness. :data:`KINDS` names the kinds understood here; a
+``torch.nn.Module`` gives each layer's kind exactly, a bare ``state_dict`` lets it be
+inferred (or set with ``kinds=``). Each converted layer must hold what torch's own
+``state_dict`` holds for its kind, or a ``ValueError`` names the missing key:
+
+=====================  ==============================================================
+kind                   tensors in torch's ``state_dict``
+=====================  ==============================================================
+``conv``/``linear``    ``weight``, plus ``bias`` unless ``bias=False``
+``batch_norm``         ``weight`` and ``bias`` together (``affine``); ``running_mean`` and
+                       ``running_var`` together (``track_running_stats``), with
+                       ``num_batches_tracked`` (optional: state_dicts older than torch
+                       0.4.1 lack it, and torch fills it in on load)
+``layer_norm``         ``weight`` (``elementwise_affine``), plus ``bias`` unless ``bias=False``
+``group_norm``         ``weight`` and ``bias`` together (``affine``)
+``rms_norm``           ``weight`` (``elementwise_affine``); never a bias
+``instance_norm``      ``weight`` and ``bias`` together (``affine``); running statistics
+                       (``track_running_stats=True``) are refused, jaxnorm keeps none
+=====================  ==============================================================
+
+So a ``BatchNorm`` state_dict without ``running_var`` is refused (``'bn.running_var' is
+missing``) rather than converted into a layer that evaluates without a variance.
+:func:`to_torch` refuses a Flax layer that would give an incomplete torch layer (a
+batch norm with ``scale`` but no ``bias``, say), which torch could not load.
+
 Numerical conventions (:func:`preset` returns them as module arguments):
 
 * momentum: torch's ``momentum=p`` weights the *batch*; ours weights the old value,
@@ -79,7 +104,12 @@ import numpy as np
 
 __all__ = ["from_torch", "to_torch", "preset", "compact_mapping", "KINDS"]
 
-#: Layer kinds understood here; ``kinds={prefix: kind}`` overrides the inferred one.
+#: The layer kinds :func:`from_torch`, :func:`to_torch` and :func:`compact_mapping`
+#: understand, as accepted by their ``kinds={torch_prefix: kind}`` overrides: ``"conv"``
+#: (``Conv1d/2d/3d``), ``"linear"`` (``Linear``), ``"batch_norm"`` (``BatchNorm1d/2d/3d``,
+#: ``SyncBatchNorm``), ``"layer_norm"``, ``"group_norm"``, ``"rms_norm"`` and
+#: ``"instance_norm"`` (``InstanceNorm1d/2d/3d``). The tensors each kind holds are listed
+#: in the module docstring.
 KINDS = (
     "conv",
     "linear",
@@ -106,6 +136,39 @@ _TORCH_NAMES = {
     "conv": ("weight", "bias"),
     "linear": ("weight", "bias"),
     "batch_norm": ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"),
+    "rms_norm": ("weight",),
+}
+# What a complete layer of each kind holds, as torch's state_dict has it: if a layer
+# holds any of `present`, it must hold all of `needs` (see the module docstring).
+_AFFINE = "affine=True stores weight and bias together"
+_COMPLETE: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...]] = {
+    "conv": ((("bias",), ("weight",), "a conv always has a weight; bias=False drops the bias"),),
+    "linear": (
+        (("bias",), ("weight",), "a Linear always has a weight; bias=False drops the bias"),
+    ),
+    "batch_norm": (
+        (("weight", "bias"), ("weight", "bias"), _AFFINE),
+        (
+            ("running_mean", "running_var", "num_batches_tracked"),
+            ("running_mean", "running_var"),
+            "track_running_stats=True stores running_mean and running_var together (and "
+            "num_batches_tracked, which only state_dicts older than torch 0.4.1 lack)",
+        ),
+    ),
+    "layer_norm": (
+        (
+            ("bias",),
+            ("weight",),
+            "a LayerNorm's bias comes with its weight (bias=False drops "
+            "only the bias, elementwise_affine=False both)",
+        ),
+    ),
+    "group_norm": ((("weight", "bias"), ("weight", "bias"), _AFFINE),),
+    "instance_norm": ((("weight", "bias"), ("weight", "bias"), _AFFINE),),
+    "rms_norm": (),
+    _GENERIC_NORM: (
+        (("bias",), ("weight",), "every supported norm with a bias also has a weight"),
+    ),
 }
 _STAT_NAMES = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "count"}
 _SUPPORTED = (
@@ -164,6 +227,8 @@ def _infer_kind(fn: str, prefix: str, tensors: Mapping[str, Any]) -> str:
     """Kind of a layer seen only through its state_dict entries."""
     names = set(tensors)
     unknown = sorted(names - set(_TORCH_NAMES["batch_norm"]))
+    if not unknown and names == {"bias"}:
+        _check_complete(fn, prefix, _GENERIC_NORM, names)
     if unknown or "weight" not in names and not names & set(_STAT_NAMES):
         what = f"holds {unknown}, which" if unknown else f"holds only {sorted(names)}:"
         raise TypeError(
@@ -245,8 +310,39 @@ def _layers(fn: str, source: Any, kinds: Mapping[str, str] | None) -> list[_Laye
                 f"{kind!r} layer does not have; its tensors are {sorted(tensors)}. "
                 f"Supported: {_SUPPORTED}. If the kind is wrong, pass kinds={{{prefix!r}: ...}}."
             )
+        _check_complete(fn, prefix, kind, set(tensors))
         layers.append(_Layer(prefix, kind, tensors, module))
     return layers
+
+
+def _check_complete(
+    fn: str, prefix: str, kind: str, names: set[str], *, flax_path: str | None = None
+) -> None:
+    """Refuse a layer that lacks a tensor every torch layer of its kind has (by key).
+
+    ``flax_path``: the layer is being produced by :func:`to_torch` from that Flax layer.
+    """
+    dot = f"{prefix}." if prefix else ""
+    for present, needs, rule in _COMPLETE[kind]:
+        missing = [n for n in needs if n not in names]
+        if not names & set(present) or not missing:
+            continue
+        keys = [dot + n for n in missing]
+        held = sorted(dot + n for n in names)
+        label = "a norm" if kind == _GENERIC_NORM else f"a {kind!r} layer"
+        if flax_path is not None:
+            raise ValueError(
+                f"{fn}: the Flax layer {flax_path!r} converts to an incomplete torch layer "
+                f"{prefix!r} ({label}): {keys} would be missing next to {held}, and torch "
+                f"{rule}. Build the Flax layer with the matching variables (use_scale and "
+                f"use_bias both on or both off, like torch's affine)."
+            )
+        raise ValueError(
+            f"{fn}: torch layer {prefix!r} ({label}) is incomplete: {keys} "
+            f"{'is' if len(keys) == 1 else 'are'} missing; it holds {held}, and {rule}. "
+            f"Convert the complete state_dict (model.state_dict()), or drop the layer's "
+            f"other entries if the layer really has none of them."
+        )
 
 
 def _split(path: str | Sequence[str]) -> tuple[str, ...]:
@@ -482,7 +578,7 @@ def from_torch(
     if not out["batch_stats"]:
         del out["batch_stats"]
     if like is not None:
-        out = _match_like(fn, out, like, origin)
+        out = _match_like(fn, out, like, origin, {paths[la.prefix]: la for la in layers})
     return out
 
 
@@ -498,7 +594,36 @@ def _keep_count(layer: _Layer, path: tuple[str, ...], with_count: bool | None, l
     return layer.module is not None and getattr(layer.module, "momentum", 0.1) is None
 
 
-def _match_like(fn: str, out: dict, like: Mapping[str, Any], origin: dict) -> dict:
+# Which torch tensor a Flax variable comes from, and the Flax switch that drops it.
+_FROM_TORCH = {
+    ("params", "kernel"): ("weight", "a conv/Linear always has a weight"),
+    ("params", "scale"): ("weight", "build the Flax layer with use_scale=False"),
+    ("params", "bias"): ("bias", "build the Flax layer with use_bias=False"),
+    ("batch_stats", "mean"): ("running_mean", "track_running_stats=False keeps no statistics"),
+    ("batch_stats", "var"): ("running_var", "track_running_stats=False keeps no statistics"),
+}
+
+
+def _missing_from_torch(fn: str, path: tuple[str, ...], layer: _Layer) -> str:
+    """The message for a ``like`` variable whose torch layer lacks the tensor behind it."""
+    name, fix = _FROM_TORCH.get((path[0], path[-1]), (path[-1], "check the Flax layer"))
+    key = f"{layer.prefix}.{name}" if layer.prefix else name
+    held = sorted(f"{layer.prefix}.{n}" if layer.prefix else n for n in layer.tensors)
+    return (
+        f"{fn}: `like` has {'/'.join(path)!r}, which comes from torch {key!r}, and the torch "
+        f"layer {layer.prefix!r} ({layer.kind}) has no {key!r} (it holds {held}). If the "
+        f"torch layer really lacks it, {fix} to match; otherwise convert a state_dict that "
+        f"has {key!r}."
+    )
+
+
+def _match_like(
+    fn: str,
+    out: dict,
+    like: Mapping[str, Any],
+    origin: dict,
+    layer_at: Mapping[tuple[str, ...], _Layer],
+) -> dict:
     got = _leaves(out)
     want = {p: v for p, v in _leaves(like).items() if p and p[0] in ("params", "batch_stats")}
     for path, value in got.items():
@@ -517,6 +642,9 @@ def _match_like(fn: str, out: dict, like: Mapping[str, Any], origin: dict) -> di
                 f"{fn}: torch {key!r} ({kind}) became {'/'.join(path)!r} with shape {shape}, "
                 f"but `like` has shape {expected} there; {hint}."
             )
+    for path in sorted(p for p in want if p not in got):
+        if path[1:-1] in layer_at:  # the layer is mapped; the tensor is what is missing
+            raise ValueError(_missing_from_torch(fn, path, layer_at[path[1:-1]]))
     missing = sorted("/".join(p) for p in want if p not in got)
     if missing:
         raise ValueError(
@@ -617,6 +745,7 @@ def to_torch(
             f"`variables` if torch has no such layer."
         )
     kind_of.update(kinds or {})
+    template_of = {layer.prefix: layer for layer in template_layers or ()}
     state: dict[str, Any] = {}
     for prefix, path in to_flax.items():
         arrays = flax_layers.get(path)
@@ -653,12 +782,15 @@ def to_torch(
             if key == "num_batches_tracked":
                 tensor = tensor.to(torch.int64)
             state[dot + key] = tensor
-        if kind == "batch_norm" and f"{dot}num_batches_tracked" not in state:
-            state[f"{dot}num_batches_tracked"] = torch.zeros((), dtype=torch.int64)
-            if template_layers is not None:
-                tpl = {layer.prefix: layer for layer in template_layers}[prefix]
-                if "num_batches_tracked" in tpl.tensors:
-                    state[f"{dot}num_batches_tracked"] = tpl.tensors["num_batches_tracked"].clone()
+        names = {k[len(dot) :] for k in state if k.startswith(dot) and "." not in k[len(dot) :]}
+        nbt = f"{dot}num_batches_tracked"
+        if kind == "batch_norm" and names & {"running_mean", "running_var"} and nbt not in state:
+            tpl = template_of.get(prefix)
+            if tpl is None:
+                state[nbt] = torch.zeros((), dtype=torch.int64)
+            elif "num_batches_tracked" in tpl.tensors:  # absent only in pre-0.4.1 state_dicts
+                state[nbt] = tpl.tensors["num_batches_tracked"].clone()
+        _check_complete(fn, prefix, kind, names, flax_path="/".join(path) or "<root>")
     if template_layers is None:
         return state
     return _match_template(fn, state, template_layers)
