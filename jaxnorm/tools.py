@@ -5,14 +5,19 @@ Three jobs around a trained (or training) batch-norm model, for
 
 * **Gradient accumulation with exact running statistics.** Accumulating gradients
   over ``K`` microbatches and running each through the model in training mode
-  gives ``K`` momentum updates of statistics from ``1/K`` of the batch. Here the
-  microbatches' ``(count, mean, M2)`` are merged exactly (Chan et al.) and
-  applied once per optimizer step, which is the update the concatenated batch
-  would give (:func:`accumulate_gradients`, or by hand with
-  :func:`with_batch_moments`, :func:`accumulate_moments` and
-  :func:`apply_accumulated`). Each microbatch is still *normalized* with its own
-  statistics (only the running-statistics update is exact), so outputs and
-  gradients are those of ``K`` separate small batches, not of one big batch.
+  gives ``K`` momentum updates of statistics from ``1/K`` of the batch. Here each
+  layer's ``(count, mean, M2)`` over the microbatches is merged exactly (Chan et
+  al.) and applied once per optimizer step (:func:`accumulate_gradients`, or by
+  hand with :func:`with_batch_moments`, :func:`accumulate_moments` and
+  :func:`apply_accumulated`). What is exact: each layer's update is the one a
+  single step would make from the pooled statistics of *all the inputs that layer
+  saw* in the ``K`` microbatch passes. For a batch norm with no training-mode batch
+  norm upstream (the first one, say) these are the inputs the concatenated batch
+  would give it, so its update equals one step on the concatenated batch; a deeper
+  one sees inputs normalized with microbatch statistics, so its update differs
+  from a full-batch step. Each microbatch is *normalized* with its own statistics,
+  so outputs and gradients are those of ``K`` separate small batches, not of one
+  big batch.
 * **Precise BN** (:func:`recompute_batch_stats`): re-estimate every layer's
   population statistics from ``K`` batches run in training mode, with an exact
   count-weighted (pooled) estimator, or the equal-weight cumulative one that
@@ -288,10 +293,13 @@ def apply_accumulated(
         \\text{new} = \\alpha\\,\\text{old} + (1 - \\alpha)\\,\\text{batch},\\qquad
         \\text{batch var} = M_2 / n \\;\\text{or}\\; M_2 / (n - 1)
 
-    with ``n``, ``mean``, ``M2`` the merged moments of all ``K`` microbatches, so the
-    result is what one training step on the concatenated batch gives -- including
-    ``unbiased_running_var`` (Bessel with the *total* ``n``, torch's convention) and
-    ``momentum=None`` (``count`` advances by one per call, not by ``K``).
+    with ``n``, ``mean``, ``M2`` the moments merged over ``K`` microbatches, so the
+    result is the update one training step would make from a batch holding all the
+    values those moments summarize -- including ``unbiased_running_var`` (Bessel with
+    the *total* ``n``, torch's convention) and ``momentum=None`` (``count`` advances
+    by one per call, not by ``K``). That is a full-batch step's update exactly when
+    the moments are of the inputs the full batch would give the layer (see
+    :func:`accumulate_gradients`).
     ``alpha`` is ``momentum``, or ``count/(count+1)`` when it is ``None``
     (:func:`jaxnorm.update_batch_stats`).
 
@@ -480,14 +488,21 @@ def accumulate_gradients(
 
     .. math::
 
-        \\text{new} = \\alpha\\,\\text{old} + (1-\\alpha)\\,
-        \\text{stat}\\Big(\\bigcup_{k=1}^{K} \\text{microbatch}_k\\Big)
+        \\text{new}_\\ell = \\alpha\\,\\text{old}_\\ell + (1-\\alpha)\\,
+        \\text{stat}\\Big(\\bigcup_{k=1}^{K} x_{\\ell,k}\\Big)
 
-    -- the update a training step on the concatenated batch would make -- instead
-    of ``K`` updates at ``1/K`` of the batch size. Each microbatch is still
-    normalized with its own batch statistics, so the loss and gradients are the
-    mean over ``K`` small batches (with a mean-reduced loss and equal microbatches
-    they are those of plain gradient accumulation, not of one large batch).
+    where :math:`x_{\\ell,k}` is the input layer :math:`\\ell` saw in microbatch
+    :math:`k`'s forward pass, instead of ``K`` updates at ``1/K`` of the batch size.
+    This pooled statistic is exact (the Chan merge of ``(count, mean, M2)``). It is
+    the update of one training step on the concatenated batch only for layers whose
+    inputs do not depend on how the batch is split: a batch norm with no
+    training-mode batch norm upstream (e.g. the first). A deeper batch norm's inputs
+    were normalized upstream with each microbatch's statistics, not the full
+    batch's, so its update differs from a full-batch step (but is exact for the
+    values it saw). Likewise each microbatch is normalized with its own batch
+    statistics, so the loss and gradients are the mean over ``K`` small batches
+    (with a mean-reduced loss and equal microbatches, plain gradient accumulation),
+    not those of one large batch.
 
     Args:
       loss_fn: ``loss_fn(params, batch_stats, microbatch) -> loss`` (or

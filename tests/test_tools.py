@@ -387,3 +387,110 @@ def test_variant_layers_in_training_are_refused_not_silently_skipped():
         tools.recompute_batch_stats(
             lambda v, x: Net().apply(v, x, True, mutable=["batch_stats"]), variables, [x]
         )
+
+
+# ------------------------------------------------ what gradient accumulation makes exact
+
+
+class DeepMLP(nn.Module):
+    """Dense -> BN -> relu -> Dense -> BN -> relu -> Dense: a BN downstream of another."""
+
+    bn: Any  # BatchNorm kwargs
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        for features in (6, 5):
+            x = nn.Dense(features)(x)
+            x = jnn.BatchNorm(use_running_average=not train, **self.bn)(x)
+            x = nn.relu(x)
+        return nn.Dense(3)(x)
+
+
+def _deep_setup(bn):
+    rng = np.random.default_rng(11)
+    x = jnp.asarray(rng.normal(1.0, 2.0, (K * 6, 4)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 3, K * 6))
+    model = DeepMLP(bn=bn)
+    variables = model.init(jax.random.key(3), x[:2], train=False)
+    # Non-trivial running statistics to start from.
+    stats = jax.tree.map(lambda a: a, variables["batch_stats"])
+    for i, name in enumerate(("BatchNorm_0", "BatchNorm_1")):
+        n = stats[name]["mean"].shape[0]
+        stats[name]["mean"] = jnp.linspace(-1.0, 1.0, n) * (i + 1)
+        stats[name]["var"] = jnp.linspace(0.5, 2.0, n)
+    return model, {"params": variables["params"], "batch_stats": stats}, x, y
+
+
+def _bn_inputs(model, variables, x) -> dict[str, np.ndarray]:
+    """Each BatchNorm's input in one training-mode forward pass: the preceding Dense's output.
+
+    Read with flax's capture_intermediates, independently of jaxnorm.tools' recorder.
+    """
+    _, state = model.apply(
+        variables, x, train=True, mutable=["batch_stats", "intermediates"],
+        capture_intermediates=lambda mdl, method: isinstance(mdl, nn.Dense),
+    )  # fmt: skip
+    inter = state["intermediates"]
+    return {
+        "BatchNorm_0": np.asarray(inter["Dense_0"]["__call__"][0], np.float64),
+        "BatchNorm_1": np.asarray(inter["Dense_1"]["__call__"][0], np.float64),
+    }
+
+
+def _expected_update(old, inputs: np.ndarray, *, momentum: float, unbiased: bool):
+    """One running-average update from the float64 statistics of ``inputs`` (by hand)."""
+    var = inputs.var(0, ddof=1 if unbiased else 0)
+    return (
+        momentum * np.asarray(old["mean"], np.float64) + (1 - momentum) * inputs.mean(0),
+        momentum * np.asarray(old["var"], np.float64) + (1 - momentum) * var,
+    )
+
+
+@pytest.mark.parametrize(
+    "bn",
+    [dict(momentum=0.8), jt.preset(torch.nn.BatchNorm1d(6, momentum=0.3))],
+    ids=["flax_convention", "torch_preset"],
+)
+def test_accumulation_is_exact_for_the_pooled_inputs_not_for_a_deeper_full_batch_step(bn):
+    model, variables, x, y = _deep_setup(bn)
+    momentum, unbiased = bn["momentum"], bn.get("unbiased_running_var", False)
+    params, stats0 = variables["params"], variables["batch_stats"]
+    micro = (x.reshape(K, -1, 4), y.reshape(K, -1))
+    loss_fn = _loss_fn(model)
+    out = jax.jit(lambda p, s, mb: tools.accumulate_gradients(loss_fn, p, s, mb))(
+        params, stats0, micro
+    )
+
+    # (a) What holds exactly: one update from the pooled moments of what each layer saw
+    # over the K microbatch forward passes (float64 NumPy on the recorded inputs).
+    seen = [_bn_inputs(model, variables, micro[0][i]) for i in range(K)]
+    for name in ("BatchNorm_0", "BatchNorm_1"):
+        pooled = np.concatenate([s[name] for s in seen])
+        mean, var = _expected_update(stats0[name], pooled, momentum=momentum, unbiased=unbiased)
+        np.testing.assert_allclose(out.batch_stats[name]["mean"], mean, **TOL)
+        np.testing.assert_allclose(out.batch_stats[name]["var"], var, **TOL)
+
+    # (b) One training step on the concatenated batch: the first BN (nothing normalized
+    # upstream) sees the same values and agrees; the second sees inputs normalized with
+    # full-batch rather than microbatch statistics, and does not.
+    full_inputs = _bn_inputs(model, variables, x)
+    np.testing.assert_allclose(
+        np.concatenate([s["BatchNorm_0"] for s in seen]), full_inputs["BatchNorm_0"], **TOL
+    )
+    _, full = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    acc_stats, full_stats = out.batch_stats, full["batch_stats"]
+    chex.assert_trees_all_close(acc_stats["BatchNorm_0"], full_stats["BatchNorm_0"], **TOL)
+    for field in ("mean", "var"):
+        gap = np.abs(acc_stats["BatchNorm_1"][field] - full_stats["BatchNorm_1"][field])
+        assert gap.max() > 1e-3, (field, gap)
+    mean, var = _expected_update(
+        stats0["BatchNorm_1"], full_inputs["BatchNorm_1"], momentum=momentum, unbiased=unbiased
+    )
+    np.testing.assert_allclose(full_stats["BatchNorm_1"]["mean"], mean, **TOL)
+    np.testing.assert_allclose(full_stats["BatchNorm_1"]["var"], var, **TOL)
+
+    # Gradients are those of K separately normalized microbatches, not of the big batch.
+    full_grads = jax.grad(loss_fn)(params, stats0, (x, y))
+    for layer in ("Dense_0", "Dense_1", "Dense_2"):
+        gap = np.abs(out.grads[layer]["kernel"] - full_grads[layer]["kernel"]).max()
+        assert gap > 1e-3 * np.abs(full_grads[layer]["kernel"]).max(), (layer, gap)
