@@ -69,14 +69,33 @@ def canonical_axes(fn: str, name: str, axes: Axes, ndim: int) -> tuple[int, ...]
     return tuple(sorted(out))
 
 
-def check_floating(fn: str, x: Any, name: str = "x") -> None:
-    """Refuse non-floating inputs: normalizing integers silently truncates."""
+def real_dtype(dtype: Any) -> jnp.dtype:
+    """The real dtype of a floating or complex dtype (complex64 -> float32)."""
+    return jnp.finfo(dtype).dtype
+
+
+def check_floating(fn: str, x: Any, name: str = "x", *, complex_ok: bool = False) -> None:
+    """Refuse non-floating inputs: normalizing integers silently truncates.
+
+    With ``complex_ok`` complex dtypes are accepted too (the core norms support them,
+    as flax does: complex mean, real variance of ``|x - mean|**2``).
+    """
     dtype = jnp.result_type(x)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise TypeError(
-            f"{fn}: {name} must have a floating dtype ({_FLOAT_NAMES}); got {dtype} with "
-            f"shape {jnp.shape(x)}. Cast it first, e.g. {name}.astype(jnp.float32)."
-        )
+    if jnp.issubdtype(dtype, jnp.floating):
+        return
+    if complex_ok and jnp.issubdtype(dtype, jnp.complexfloating):
+        return
+    kinds = _FLOAT_NAMES + (" (or complex64/complex128)" if complex_ok else "")
+    extra = (
+        ""
+        if complex_ok or not jnp.issubdtype(dtype, jnp.complexfloating)
+        else " Complex input is supported by batch_norm, layer_norm, rms_norm, group_norm "
+        "and instance_norm (and their modules), not here."
+    )
+    raise TypeError(
+        f"{fn}: {name} must have a floating dtype ({kinds}); got {dtype} with "
+        f"shape {jnp.shape(x)}. Cast it first, e.g. {name}.astype(jnp.float32).{extra}"
+    )
 
 
 def check_nonempty(fn: str, x: Any, reduce_axes: tuple[int, ...]) -> int:
@@ -132,11 +151,19 @@ def check_momentum(fn: str, momentum: Any, *, allow_none: bool = True) -> None:
         )
 
 
-def check_param_shape(fn: str, name: str, value: Any, expected: tuple[int, ...], hint: str) -> None:
+def check_param_shape(
+    fn: str,
+    name: str,
+    value: Any,
+    expected: tuple[int, ...],
+    hint: str,
+    *,
+    complex_ok: bool = False,
+) -> None:
     """Refuse a scale/bias whose shape differs from the feature shape."""
     if value is None:
         return
-    check_floating(fn, value, name)
+    check_floating(fn, value, name, complex_ok=complex_ok)
     shape = tuple(jnp.shape(value))
     if shape != tuple(expected):
         raise ValueError(
@@ -179,8 +206,10 @@ def check_training_flag(fn: str, training: Any) -> None:
         )
 
 
-def check_stats(fn: str, stats: Any, feature_shape: tuple[int, ...], desc: str) -> None:
-    """Refuse running statistics whose shapes do not match the feature shape."""
+def check_stats(
+    fn: str, stats: Any, feature_shape: tuple[int, ...], desc: str, x_dtype: Any = None
+) -> None:
+    """Refuse running statistics whose shapes do not fit, or real stats for complex x."""
     for field in ("mean", "var", "count"):
         if not hasattr(stats, field):
             raise TypeError(
@@ -198,11 +227,24 @@ def check_stats(fn: str, stats: Any, feature_shape: tuple[int, ...], desc: str) 
                 f"or a different axis choice, do not fit)."
             )
         dtype = jnp.result_type(getattr(stats, field))
-        if not jnp.issubdtype(dtype, jnp.floating):
+        if not jnp.issubdtype(dtype, jnp.floating) and not (
+            field == "mean" and jnp.issubdtype(dtype, jnp.complexfloating)
+        ):
             raise TypeError(
                 f"{fn}: stats.{field} must be floating; got {dtype}. Create the stats with "
                 f"jaxnorm.init_batch_stats({tuple(feature_shape)})."
             )
+    if (
+        x_dtype is not None
+        and jnp.issubdtype(x_dtype, jnp.complexfloating)
+        and not jnp.issubdtype(jnp.result_type(stats.mean), jnp.complexfloating)
+    ):
+        raise TypeError(
+            f"{fn}: x is {jnp.dtype(x_dtype)} but stats.mean is "
+            f"{jnp.result_type(stats.mean)}; a complex input has a complex running mean, "
+            f"which a real one would silently truncate. Create the stats with "
+            f"jaxnorm.init_batch_stats({tuple(feature_shape)}, dtype=jnp.{jnp.dtype(x_dtype)})."
+        )
     if tuple(jnp.shape(stats.count)) != ():
         raise ValueError(
             f"{fn}: stats.count must be a scalar step counter; got shape "

@@ -37,10 +37,12 @@ def _out_dtype(fn: str, x: jax.Array, dtype: Any) -> jnp.dtype:
     if dtype is None:
         return jnp.result_type(x)
     out = jnp.dtype(dtype)
+    if jnp.issubdtype(out, jnp.complexfloating) and jnp.iscomplexobj(x):
+        return out
     if not jnp.issubdtype(out, jnp.floating):
         raise TypeError(
-            f"{fn}: dtype must be floating (the output dtype); got {out}. Pass e.g. "
-            f"dtype=jnp.float32, or dtype=None to keep x's dtype."
+            f"{fn}: dtype must be floating (the output dtype; complex only for complex x); "
+            f"got {out}. Pass e.g. dtype=jnp.float32, or dtype=None to keep x's dtype."
         )
     return out
 
@@ -72,9 +74,10 @@ def _normalize(
 
     def affine(x, mean, var, scale, bias):
         sd = stat_dtype(x.dtype)
-        mul = lax.rsqrt(var.astype(sd) + epsilon)
+        real = _checks.real_dtype(sd)
+        mul = lax.rsqrt(var.astype(real) + epsilon)  # the variance is real, also for complex x
         if scale is not None:
-            mul = mul * scale.astype(sd)
+            mul = mul * scale.astype(jnp.promote_types(real, scale.dtype))
         y = x.astype(sd)
         if mean is not None:
             y = y - mean.astype(sd)
@@ -115,9 +118,14 @@ def mask_safe(apply: Any, x: jax.Array, mask: jax.Array | None, *params: Any) ->
     return jnp.where(m, valid, apply(x, *held))
 
 
-def _can_fuse(mask: Any, axis_name: Any, epsilon: Any) -> bool:
-    """The fused path covers the common case: no mask, one device, a static epsilon."""
-    return mask is None and axis_name is None and not isinstance(epsilon, jax.core.Tracer)
+def _can_fuse(x: jax.Array, mask: Any, axis_name: Any, epsilon: Any) -> bool:
+    """The fused path covers the common case: real x, no mask, one device, static epsilon."""
+    return (
+        mask is None
+        and axis_name is None
+        and not jnp.iscomplexobj(x)
+        and not isinstance(epsilon, jax.core.Tracer)
+    )
 
 
 def _reduced_mean(a: jax.Array, axes: tuple[int, ...], n: int) -> jax.Array:
@@ -294,7 +302,9 @@ def batch_norm(
         ``BatchStats``, or ``mask`` is not boolean.
       ValueError: bad axes, shapes of ``stats``/``scale``/``bias``/``mask`` that do
         not fit, ``epsilon < 0``, ``momentum`` outside [0, 1], an empty ``x``, or a
-        training batch with one value per feature and no ``axis_name``.
+        training batch with one value per feature, no ``axis_name`` and
+        ``unbiased_running_var=True`` (torch's refusal; by default, as in flax, such a
+        batch has variance 0, so ``y = bias``, and the running statistics are updated).
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm
@@ -309,16 +319,16 @@ def batch_norm(
       by Reducing Internal Covariate Shift".
     """
     fn = "batch_norm"
-    _checks.check_floating(fn, x)
+    _checks.check_floating(fn, x, complex_ok=True)
     _checks.check_training_flag(fn, training)
     feature_axes = _checks.canonical_axes(fn, "axis", axis, jnp.ndim(x))
     reduce_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
     n = _checks.check_nonempty(fn, x, reduce_axes)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     desc = f"the feature axes axis={axis!r} of x {tuple(x.shape)}"
-    _checks.check_stats(fn, stats, feature_shape, desc)
-    _checks.check_param_shape(fn, "scale", scale, feature_shape, desc)
-    _checks.check_param_shape(fn, "bias", bias, feature_shape, desc)
+    _checks.check_stats(fn, stats, feature_shape, desc, x_dtype=jnp.result_type(x))
+    _checks.check_param_shape(fn, "scale", scale, feature_shape, desc, complex_ok=True)
+    _checks.check_param_shape(fn, "bias", bias, feature_shape, desc, complex_ok=True)
     _checks.check_epsilon(fn, epsilon)
     _checks.check_momentum(fn, momentum)
     _checks.check_mask(fn, mask, x.shape)
@@ -331,19 +341,28 @@ def batch_norm(
 
     if not training:
         y = _normalize(
-            x, running_mean, running_var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype
+            x,
+            running_mean,
+            running_var,
+            scale_b,
+            bias_b,
+            epsilon=epsilon,
+            out_dtype=out_dtype,
+            mask=mask,
         )
         return y, stats
 
-    if n == 1 and axis_name is None:
+    if n == 1 and axis_name is None and unbiased_running_var:
         raise ValueError(
-            f"{fn}: training needs more than one value per feature, but x {tuple(x.shape)} "
-            f"with feature axes axis={axis!r} has exactly 1 value for each of the "
-            f"{feature_shape} features (torch: 'Expected more than 1 value per channel when "
-            f"training'). Use a batch larger than 1, training=False for inference, or "
-            f"axis_name=... if the batch is split across devices."
+            f"{fn}: unbiased_running_var=True (torch's convention) needs more than one value "
+            f"per feature in training, since n/(n-1) is undefined at n=1, but x "
+            f"{tuple(x.shape)} with feature axes axis={axis!r} has exactly 1 value for each "
+            f"of the {feature_shape} features (torch: 'Expected more than 1 value per channel "
+            f"when training'). Use a batch larger than 1, training=False for inference, "
+            f"axis_name=... if the batch is split across devices, or unbiased_running_var="
+            f"False (flax's convention: variance 0, so y = bias)."
         )
-    if _can_fuse(mask, axis_name, epsilon):
+    if _can_fuse(x, mask, axis_name, epsilon):
         y, mean, var = _fused_standardize(
             x, scale, bias, reduce_axes, feature_axes, float(epsilon), True
         )
@@ -402,12 +421,12 @@ def _standardize(
     """Shared body of the per-sample normalizations (layer, RMS, instance)."""
     _checks.check_nonempty(fn, x, reduce_axes)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
-    _checks.check_param_shape(fn, "scale", scale, feature_shape, desc)
-    _checks.check_param_shape(fn, "bias", bias, feature_shape, desc)
+    _checks.check_param_shape(fn, "scale", scale, feature_shape, desc, complex_ok=True)
+    _checks.check_param_shape(fn, "bias", bias, feature_shape, desc, complex_ok=True)
     _checks.check_epsilon(fn, epsilon)
     _checks.check_mask(fn, mask, x.shape)
     out_dtype = _out_dtype(fn, x, dtype)
-    if _can_fuse(mask, axis_name, epsilon):
+    if _can_fuse(x, mask, axis_name, epsilon):
         y, _, _ = _fused_standardize(
             x, scale, bias, reduce_axes, feature_axes, float(epsilon), center
         )
@@ -488,7 +507,7 @@ def layer_norm(
       Ba, Kiros & Hinton (2016), "Layer Normalization".
     """
     fn = "layer_norm"
-    _checks.check_floating(fn, x)
+    _checks.check_floating(fn, x, complex_ok=True)
     reduce_axes = _checks.canonical_axes(fn, "axis", axis, jnp.ndim(x))
     feature_axes = (
         reduce_axes
@@ -557,7 +576,7 @@ def rms_norm(
       Zhang & Sennrich (2019), "Root Mean Square Layer Normalization".
     """
     fn = "rms_norm"
-    _checks.check_floating(fn, x)
+    _checks.check_floating(fn, x, complex_ok=True)
     reduce_axes = _checks.canonical_axes(fn, "axis", axis, jnp.ndim(x))
     feature_axes = (
         reduce_axes
@@ -623,7 +642,7 @@ def instance_norm(
       Ingredient for Fast Stylization".
     """
     fn = "instance_norm"
-    _checks.check_floating(fn, x)
+    _checks.check_floating(fn, x, complex_ok=True)
     channels = _checks.canonical_axes(fn, "axis", axis, jnp.ndim(x))
     reduce_axes = tuple(a for a in range(1, x.ndim) if a not in channels)
     if 0 in channels or not reduce_axes:
@@ -703,7 +722,7 @@ def group_norm(
       Wu & He (2018), "Group Normalization".
     """
     fn = "group_norm"
-    _checks.check_floating(fn, x)
+    _checks.check_floating(fn, x, complex_ok=True)
     (channel,) = _checks.canonical_axes(fn, "axis", (axis,), jnp.ndim(x))
     num_channels = x.shape[channel]
     if (num_groups is None) == (group_size is None):
@@ -741,8 +760,8 @@ def group_norm(
             )
     desc = f"the {num_channels} channels of x {tuple(x.shape)}"
     _checks.check_nonempty(fn, x, red)
-    _checks.check_param_shape(fn, "scale", scale, (num_channels,), desc)
-    _checks.check_param_shape(fn, "bias", bias, (num_channels,), desc)
+    _checks.check_param_shape(fn, "scale", scale, (num_channels,), desc, complex_ok=True)
+    _checks.check_param_shape(fn, "bias", bias, (num_channels,), desc, complex_ok=True)
     _checks.check_epsilon(fn, epsilon)
     _checks.check_mask(fn, mask, x.shape)
     out_dtype = _out_dtype(fn, x, dtype)

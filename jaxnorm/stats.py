@@ -77,7 +77,7 @@ def _safe_div(a: jax.Array, n: jax.Array) -> jax.Array:
 
 def _public_axes(fn: str, x: jax.Array, axes: Any, mask: Any) -> tuple[int, ...]:
     """Validate the public entry points' input; canonical axes (sorted, non-negative)."""
-    _checks.check_floating(fn, x)
+    _checks.check_floating(fn, x, complex_ok=True)
     _checks.check_mask(fn, mask, jnp.shape(x))
     return _checks.canonical_axes(fn, "axes", axes, jnp.ndim(x))
 
@@ -118,58 +118,135 @@ def moments(
     .. math::
 
         n = \\sum_i m_i,\\quad \\mu = \\frac{1}{n}\\sum_i m_i x_i,\\quad
-        M_2 = \\sum_i m_i (x_i - \\mu)^2
+        M_2 = \\sum_i m_i |x_i - \\mu|^2
 
     with ``m`` the mask (all ones when ``mask is None``), the sums running over
     ``axes`` and, when ``axis_name`` is given, over every device (or vmapped index)
-    of that named axis.
+    of that named axis. For complex ``x`` the mean is complex and ``M2`` real.
 
     Args:
-      x: floating input of any shape.
+      x: floating or complex input of any shape.
       axes: the axis or axes to reduce (negative values count from the end).
       mask: optional boolean array broadcastable to ``x``; ``False`` elements are
         ignored, whatever value (even NaN) they hold.
       axis_name: optional named axis (or tuple of names) of ``shard_map``/``pmap``/
-        ``vmap`` to reduce across. Per-device ``(count, mean, M2)`` are merged exactly,
-        so uneven shards and masks give the global statistics.
+        ``vmap`` to reduce across. The global sums are formed from ``x`` itself (a
+        corrected two-pass over the global batch, two all-reduces), so uneven shards,
+        masks and fully masked devices give the global statistics to float32 rounding,
+        whatever the mean.
       axis_index_groups: optional device groups for the cross-device reduction, as in
         ``lax.psum``.
       keepdims: keep the reduced axes as size 1 (default) or drop them.
 
     Returns:
-      A :class:`Moments` in ``promote(x.dtype, float32)``.
+      A :class:`Moments` in ``promote(x.dtype, float32)`` (``m2`` and ``count`` real).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> m = moments(jnp.array([1e6 + 1.0, 1e6 + 3.0]), (0,))
+      >>> float(m.mean), float(m.var)
+      (1000002.0, 1.0)
     """
     axes = _public_axes("moments", x, axes, mask)
     sd = stat_dtype(x.dtype)
     xs = x.astype(sd)
-    if mask is None:
-        n_local = 1
-        for ax in axes:
-            n_local *= x.shape[ax]
+    n_local = 1
+    for ax in axes:
+        n_local *= x.shape[ax]
+    if mask is None and axis_name is None:
         kept = tuple(1 if ax in axes else size for ax, size in enumerate(x.shape))
-        count = jnp.full(kept, float(n_local), sd)
-        if axes == tuple(range(x.ndim - len(axes), x.ndim)) and n_local <= _TWO_PASS_MAX_ROW:
-            mean, m2 = _two_pass(xs, axes, n_local)
+        count = jnp.full(kept, float(n_local), _real(sd))
+        trailing = axes == tuple(range(x.ndim - len(axes), x.ndim))
+        if (trailing and n_local <= _TWO_PASS_MAX_ROW) or _sharded(x, axes):
+            mean, m2 = _corrected_two_pass(xs, axes, None, count, None, None)
         else:
             mean, m2 = _shifted_single_pass(xs, axes, n_local)
+        result = Moments(count, mean, m2)
     else:
-        m = jnp.broadcast_to(mask, x.shape)
-        count = jnp.sum(m, axis=axes, keepdims=True, dtype=sd)
-        mean = _safe_div(jnp.sum(jnp.where(m, xs, 0.0), axis=axes, keepdims=True), count)
-        dev = jnp.where(m, xs - mean, 0.0)
-        m2 = jnp.sum(dev * dev, axis=axes, keepdims=True)
-    result = Moments(count, mean, m2)
-    if axis_name is not None:
-        result = psum_moments(result, axis_name, axis_index_groups=axis_index_groups)
+        if mask is None:
+            m = None
+            kept = tuple(1 if ax in axes else size for ax, size in enumerate(x.shape))
+            count = jnp.full(kept, float(n_local), _real(sd))
+        else:
+            m = jnp.broadcast_to(mask, x.shape)
+            count = jnp.sum(m, axis=axes, keepdims=True, dtype=_real(sd))
+        if axis_name is not None:
+            count = lax.psum(count, axis_name, axis_index_groups=axis_index_groups)
+        mean, m2 = _corrected_two_pass(xs, axes, m, count, axis_name, axis_index_groups)
+        result = Moments(count, mean, m2)
     if not keepdims:
         result = Moments(*(jnp.squeeze(f, axis=axes) for f in result))
     return result
 
 
-def _two_pass(xs: jax.Array, axes: tuple[int, ...], n: int) -> tuple[jax.Array, jax.Array]:
-    """Exact mean and M2 for trailing axes, where XLA keeps each row in cache."""
-    mean = jnp.sum(xs, axis=axes, keepdims=True) / n
-    return mean, jnp.sum(jnp.square(xs - mean), axis=axes, keepdims=True)
+def _real(dtype: Any) -> jnp.dtype:
+    """The real dtype of a (possibly complex) floating dtype."""
+    return jnp.finfo(dtype).dtype
+
+
+def abs_square(z: jax.Array) -> jax.Array:
+    """``|z|**2`` as a real array (``z * z`` for real ``z``)."""
+    if jnp.iscomplexobj(z):
+        return jnp.square(z.real) + jnp.square(z.imag)
+    return jnp.square(z)
+
+
+def _sharded(x: jax.Array, axes: tuple[int, ...]) -> bool:
+    """Whether a reduced axis of ``x`` is split over an explicit-sharding mesh axis.
+
+    Slicing such an axis (the sample shift) is refused by explicit sharding unless the
+    slice divides the mesh, so those inputs take the two-pass route.
+    """
+    try:
+        spec = jax.typeof(x).sharding.spec
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return any(a < len(spec) and spec[a] is not None for a in axes)
+
+
+def _corrected_two_pass(
+    xs: jax.Array,
+    axes: tuple[int, ...],
+    mask: jax.Array | None,
+    count: jax.Array,
+    axis_name: AxisName | None,
+    axis_index_groups: Sequence[Sequence[int]] | None,
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and M2 by the corrected two-pass algorithm, over devices when asked.
+
+    A first pass gives a rough mean ``m~`` (rounded to float32, so at a mean of 1e6 it
+    can be off by a tenth of a standard deviation); the second sums ``d = x - m~``:
+
+    .. math::
+
+        \\mu = \\tilde m + \\frac{1}{n}\\sum d,\\qquad
+        M_2 = \\sum |d|^2 - \\frac{1}{n}\\Big|\\sum d\\Big|^2
+
+    which is exact for any ``m~`` and loses only ``O(eps * ((m~ - mu)/sigma)**2)``
+    to rounding (Chan, Golub & LeVeque 1983). ``m~`` is held constant for autodiff; the
+    formula's derivative is the exact one. Masked-out elements never enter an
+    arithmetic operation that could reach a gradient (double ``where``). With
+    ``axis_name`` both passes' sums are all-reduced: the global statistics come from
+    the data, not from rounded per-device means.
+    """
+
+    def total(a: jax.Array) -> jax.Array:
+        s = jnp.sum(a, axis=axes, keepdims=True)
+        if axis_name is not None:
+            s = lax.psum(s, axis_name, axis_index_groups=axis_index_groups)
+        return s
+
+    zero = jnp.zeros((), xs.dtype)
+    first = xs if mask is None else jnp.where(mask, xs, zero)
+    rough = lax.stop_gradient(_safe_div(total(first), count))
+    d = xs - rough
+    if mask is not None:
+        d = jnp.where(mask, d, zero)
+    s1 = total(d)
+    s2 = total(abs_square(d))
+    mean = rough + _safe_div(s1, count)
+    m2 = jnp.maximum(s2 - _safe_div(abs_square(s1), count), 0.0)
+    return mean, m2
 
 
 def _shifted_single_pass(
@@ -181,9 +258,9 @@ def _shifted_single_pass(
     shift_a = _sample_shift(xs, axes, _SHIFT_SAMPLES)
     shift_b = _sample_shift(xs, axes, _SHIFT_SAMPLES // 2)
     mean_a = jnp.sum(xs - shift_a, axis=axes, keepdims=True) / n
-    s2 = jnp.sum(jnp.square(xs - shift_b), axis=axes, keepdims=True)
+    s2 = jnp.sum(abs_square(xs - shift_b), axis=axes, keepdims=True)
     mean_b = (shift_a - shift_b) + mean_a  # mean - b, not rounded through the mean
-    return shift_a + mean_a, jnp.maximum(s2 - n * jnp.square(mean_b), 0.0)
+    return shift_a + mean_a, jnp.maximum(s2 - n * abs_square(mean_b), 0.0)
 
 
 def psum_moments(
@@ -289,11 +366,11 @@ def mean_square(
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Count and mean of ``x**2`` over ``axes`` (uncentered second moment), in >= f32.
+    """Count and mean of ``|x|**2`` over ``axes`` (uncentered second moment), in >= f32.
 
     .. math::
 
-        n = \\sum_i m_i,\\quad \\nu = \\frac{1}{n}\\sum_i m_i x_i^2
+        n = \\sum_i m_i,\\quad \\nu = \\frac{1}{n}\\sum_i m_i |x_i|^2
 
     Args:
       x: floating input.
@@ -314,12 +391,15 @@ def mean_square(
         for a in axes:
             n_local *= x.shape[a]
         kept = tuple(1 if a in axes else s for a, s in enumerate(x.shape))
-        count = jnp.full(kept, float(n_local), sd)
-        total = jnp.sum(xs * xs, axis=axes, keepdims=True)
+        count = jnp.full(kept, float(n_local), _real(sd))
+        total = jnp.sum(abs_square(xs), axis=axes, keepdims=True)
     else:
+        # Double where: masked-out values (NaN padding) must not reach the square,
+        # whose derivative 2*x would turn a zero cotangent into NaN.
         m = jnp.broadcast_to(mask, x.shape)
-        count = jnp.sum(m, axis=axes, keepdims=True, dtype=sd)
-        total = jnp.sum(jnp.where(m, xs * xs, 0.0), axis=axes, keepdims=True)
+        count = jnp.sum(m, axis=axes, keepdims=True, dtype=_real(sd))
+        safe = jnp.where(m, xs, jnp.zeros((), sd))
+        total = jnp.sum(abs_square(safe), axis=axes, keepdims=True)
     if axis_name is not None:
         count, total = lax.psum((count, total), axis_name, axis_index_groups=axis_index_groups)
     return count, _safe_div(total, count)

@@ -38,8 +38,6 @@ from jaxnorm.stats import (
     Moments,
     mean_square,
     moments,
-    psum_moments,
-    reduce_moments,
     stat_dtype,
 )
 
@@ -127,12 +125,20 @@ def _affine(
     return y.astype(out_dtype)
 
 
-def _check_one_value(fn: str, lay: _Layout, n: int, axis: Axes, x_shape, what: str) -> None:
-    if n == 1:
+def _check_one_value(
+    fn: str, lay: _Layout, n: int, axis: Axes, x_shape, what: str, unbiased: bool
+) -> None:
+    """Refuse one value per feature only under torch's unbiased running variance.
+
+    As in :func:`jaxnorm.batch_norm` (and flax), such a batch otherwise has variance 0;
+    ``n / (n - 1)`` is undefined at ``n = 1``.
+    """
+    if n == 1 and unbiased:
         raise ValueError(
-            f"{fn}: training needs more than one value per feature in each {what}, but x "
-            f"{tuple(x_shape)} with feature axes axis={axis!r} has exactly 1 value for each of "
-            f"the {lay.feature_shape} features. Use a larger batch, or training=False."
+            f"{fn}: unbiased_running_var=True needs more than one value per feature in each "
+            f"{what} (n/(n-1) is undefined at n=1), but x {tuple(x_shape)} with feature axes "
+            f"axis={axis!r} has exactly 1 value for each of the {lay.feature_shape} "
+            f"features. Use a larger batch, training=False, or unbiased_running_var=False."
         )
 
 
@@ -340,13 +346,20 @@ def batch_renorm(
     run_var = _feature(stats.var, lay.bshape, sd)
 
     if not training:
-        mul = lax.rsqrt(run_var + epsilon)
-        if scale_b is not None:
-            mul = mul * scale_b
-        return _affine(x, run_mean, mul, bias_b, lay.out_dtype), stats
+        return batch_norm(
+            x,
+            stats,
+            scale,
+            bias,
+            training=False,
+            axis=axis,
+            epsilon=epsilon,
+            mask=mask,
+            dtype=dtype,
+        )
 
     if axis_name is None:
-        _check_one_value(fn, lay, lay.n, axis, x.shape, "batch")
+        _check_one_value(fn, lay, lay.n, axis, x.shape, "batch", unbiased_running_var)
     batch = moments(
         x, lay.reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
     )
@@ -662,7 +675,15 @@ def power_norm(
     rstd = lax.rsqrt(lax.stop_gradient(_feature(stats.mean_square, lay.bshape, sd)) + epsilon)
 
     if not training:
-        return _power_norm_forward(x, scale_b, bias_b, rstd, lay.out_dtype), stats
+        y = mask_safe(
+            lambda x, s, b, r: _power_norm_forward(x, s, b, r, lay.out_dtype),
+            x,
+            mask,
+            scale_b,
+            bias_b,
+            rstd,
+        )
+        return y, stats
 
     groups = None
     if axis_index_groups is not None:
@@ -818,10 +839,17 @@ def ghost_batch_norm(
     run_var = _feature(stats.var, lay.bshape, sd)
 
     if not training:
-        mul = lax.rsqrt(run_var + epsilon)
-        if scale_b is not None:
-            mul = mul * scale_b
-        return _affine(x, run_mean, mul, bias_b, lay.out_dtype), stats
+        return batch_norm(
+            x,
+            stats,
+            scale,
+            bias,
+            training=False,
+            axis=axis,
+            epsilon=epsilon,
+            mask=mask,
+            dtype=dtype,
+        )
 
     # The virtual-batch checks concern training only: evaluation and init batches of
     # any size are fine.
@@ -841,7 +869,9 @@ def ghost_batch_norm(
             f"{divisors}; or pad/trim the batch to a multiple of {v!r}."
         )
     v = int(v)
-    _check_one_value(fn, lay, lay.n // batch_size * v, axis, x.shape, "virtual batch")
+    _check_one_value(
+        fn, lay, lay.n // batch_size * v, axis, x.shape, "virtual batch", unbiased_running_var
+    )
     k = batch_size // v
     gshape = (k, v) + tuple(x.shape[1:])
     x_g = jnp.reshape(x, gshape)
@@ -863,11 +893,16 @@ def ghost_batch_norm(
         x.shape,
     )
 
-    # Exact merge of the k virtual batches (Chan): the moments of the whole batch.
-    per = Moments(*(lax.stop_gradient(f) for f in per))
-    merged = reduce_moments(per, 0)
-    if axis_name is not None:
-        merged = psum_moments(merged, axis_name, axis_index_groups=axis_index_groups)
+    # The moments of the whole (valid) batch, from x itself rather than by merging the k
+    # rounded per-virtual-batch means, which loses precision at large means.
+    merged = moments(
+        lax.stop_gradient(x),
+        lay.reduce_axes,
+        mask=mask,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        keepdims=False,
+    )
     flat = Moments(*(jnp.reshape(f, lay.feature_shape) for f in merged))
     new_stats = update_batch_stats(
         stats, flat, momentum=momentum, unbiased_running_var=unbiased_running_var
@@ -886,6 +921,7 @@ def frozen_batch_norm(
     *,
     axis: Axes = -1,
     epsilon: float = 1e-5,
+    mask: jax.Array | None = None,
     dtype: Any = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Batch norm with frozen statistics: the running ones, in training as in evaluation.
@@ -910,6 +946,9 @@ def frozen_batch_norm(
       bias: optional ``beta`` of the feature shape (trainable).
       axis: the feature axis or axes (kept).
       epsilon: added to the variance, >= 0.
+      mask: optional boolean array broadcastable to ``x``: ``False`` elements (padding,
+        which may hold NaN) pass no gradient to ``scale``/``bias``, as in
+        :func:`jaxnorm.batch_norm`.
       dtype: output dtype; ``None`` keeps ``x.dtype``.
 
     Returns:
@@ -927,9 +966,9 @@ def frozen_batch_norm(
       ([1.0, 2.0], True)
     """
     fn = "frozen_batch_norm"
-    lay = _layout(fn, x, scale, bias, axis=axis, epsilon=epsilon, mask=None, dtype=dtype)
+    lay = _layout(fn, x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype)
     _checks.check_stats(fn, stats, lay.feature_shape, lay.desc)
     y, _ = batch_norm(
-        x, stats, scale, bias, training=False, axis=axis, epsilon=epsilon, dtype=dtype
+        x, stats, scale, bias, training=False, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype
     )
     return y, stats
