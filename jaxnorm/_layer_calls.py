@@ -1,0 +1,143 @@
+"""Each layer's one functional call, written once for its linen and its NNX class.
+
+A layer class is the API's base (variables, mode, errors: ``jaxnorm/linen/_base.py``,
+``jaxnorm/nnx/_base.py``), its public fields or constructor, and one of these mixins.
+Both APIs keep the settings under flax's names (``self.axis``, ``self.epsilon``, ...),
+so the call reads them the same way in both; the base passes what is decided per call
+(``training``, ``mask``, the device axis, the output ``dtype``) as keyword arguments.
+
+Batch-norm family: ``_normalize(x, stats, scale, bias, **call) -> (y, new_stats)``.
+Per-sample norms: ``_normalize(x, scale, bias, *, mask, dtype) -> y``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from jaxnorm.variants import (
+    batch_renorm,
+    frozen_batch_norm,
+    ghost_batch_norm,
+    power_norm,
+    renorm_schedule,
+)
+
+
+def _settings(layer: Any, *names: str) -> dict[str, Any]:
+    """``{name: layer.name}``: settings passed on under the function's own argument names."""
+    return {name: getattr(layer, name) for name in names}
+
+
+_BN = ("axis", "momentum", "epsilon")  # the batch-norm family's settings, same names
+
+
+def _devices(layer: Any) -> dict[str, Any]:
+    """The named axis a per-sample norm also reduces across, and its device groups."""
+    return _settings(layer, "axis_name", "axis_index_groups")
+
+
+class BatchNormCall:
+    """:func:`jaxnorm.batch_norm`."""
+
+    def _normalize(self, x, stats, scale, bias, **call: Any):
+        own = _settings(self, "unbiased_running_var", "skip_nonfinite")
+        return batch_norm(x, stats, scale, bias, **_settings(self, *_BN), **own, **call)
+
+
+class BatchRenormCall:
+    """:func:`jaxnorm.variants.batch_renorm`, its limits from the schedule when set."""
+
+    def _normalize(self, x, stats, scale, bias, **call: Any):
+        r_max, d_max = self.r_max, self.d_max
+        if self.warmup_steps is not None:
+            steps = _settings(self, "warmup_steps", "r_relax_steps", "d_relax_steps")
+            r_max, d_max = renorm_schedule(stats.count, r_max=r_max, d_max=d_max, **steps)
+        own = _settings(self, "unbiased_running_var")
+        return batch_renorm(
+            x, stats, scale, bias, r_max=r_max, d_max=d_max, **_settings(self, *_BN), **own, **call
+        )
+
+
+class PowerNormCall:
+    """:func:`jaxnorm.variants.power_norm`."""
+
+    def _normalize(self, x, stats, scale, bias, **call: Any):
+        own = _settings(self, "grad_momentum")
+        return power_norm(x, stats, scale, bias, **_settings(self, *_BN), **own, **call)
+
+
+class GhostBatchNormCall:
+    """:func:`jaxnorm.variants.ghost_batch_norm`."""
+
+    def _normalize(self, x, stats, scale, bias, **call: Any):
+        own = _settings(self, "virtual_batch_size", "unbiased_running_var")
+        return ghost_batch_norm(x, stats, scale, bias, **_settings(self, *_BN), **own, **call)
+
+
+class FrozenBatchNormCall:
+    """:func:`jaxnorm.variants.frozen_batch_norm` (no training, no devices)."""
+
+    def _normalize(self, x, stats, scale, bias, *, mask, dtype):
+        settings = _settings(self, "axis", "epsilon")
+        return frozen_batch_norm(x, stats, scale, bias, mask=mask, dtype=dtype, **settings)
+
+
+class LayerNormCall:
+    """:func:`jaxnorm.layer_norm` over ``reduction_axes``, params on ``feature_axes``."""
+
+    def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
+        axes = dict(axis=self.reduction_axes, feature_axis=self.feature_axes)
+        return layer_norm(
+            x, scale, bias, epsilon=self.epsilon, mask=mask, dtype=dtype, **axes, **_devices(self)
+        )
+
+
+class RMSNormCall:
+    """:func:`jaxnorm.rms_norm` (the layer has no bias: it is always ``None``)."""
+
+    def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
+        del bias
+        axes = dict(axis=self.reduction_axes, feature_axis=self.feature_axes)
+        return rms_norm(
+            x, scale, epsilon=self.epsilon, mask=mask, dtype=dtype, **axes, **_devices(self)
+        )
+
+
+class GroupNormCall:
+    """:func:`jaxnorm.group_norm` over the channel groups of the last axis."""
+
+    def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
+        # NNX keeps both counts (one computed); linen has exactly one (checked on call).
+        group_size = self.group_size if self.num_groups is None else None
+        return group_norm(
+            x,
+            scale,
+            bias,
+            num_groups=self.num_groups,
+            group_size=group_size,
+            axis=-1,
+            reduction_axes=self.reduction_axes,
+            epsilon=self.epsilon,
+            mask=mask,
+            dtype=dtype,
+            **_devices(self),
+        )
+
+
+class InstanceNormCall:
+    """:func:`jaxnorm.instance_norm`, per sample and ``feature_axes`` entry."""
+
+    def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
+        return instance_norm(
+            x,
+            scale,
+            bias,
+            axis=self.feature_axes,
+            epsilon=self.epsilon,
+            mask=mask,
+            dtype=dtype,
+            **_devices(self),
+        )
