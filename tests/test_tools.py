@@ -494,3 +494,39 @@ def test_accumulation_is_exact_for_the_pooled_inputs_not_for_a_deeper_full_batch
     for layer in ("Dense_0", "Dense_1", "Dense_2"):
         gap = np.abs(out.grads[layer]["kernel"] - full_grads[layer]["kernel"]).max()
         assert gap > 1e-3 * np.abs(full_grads[layer]["kernel"]).max(), (layer, gap)
+
+
+def test_accumulate_gradients_under_x64_accumulates_in_float64():
+    """The scan carry takes the microbatch's dtypes (it was float32: a carry type error)."""
+    rng = np.random.default_rng(12)
+    x = rng.normal(1e3, 1.0, (K * 5, 3))  # float64, a large mean
+    with jax.enable_x64(True):
+        bn = jnn.BatchNorm(use_running_average=False, momentum=0.5, param_dtype=jnp.float64)
+        variables = bn.init(jax.random.key(0), jnp.asarray(x[:2]))
+
+        def loss_fn(params, batch_stats, mb):
+            y, _ = bn.apply(
+                {"params": params, "batch_stats": batch_stats}, mb, mutable=["batch_stats"]
+            )
+            return (y**2 * jnp.arange(3.0)).mean()
+
+        step = jax.jit(lambda p, s, mb: tools.accumulate_gradients(loss_fn, p, s, mb))
+        out = step(variables["params"], variables["batch_stats"], jnp.asarray(x).reshape(K, 5, 3))
+        assert out.loss.dtype == jnp.float64
+        assert jax.tree.map(lambda a: a.dtype, out.batch_stats) == jax.tree.map(
+            lambda a: a.dtype, variables["batch_stats"]
+        )
+        stats = variables["batch_stats"]
+        rtol = 1e-10 if stats["mean"].dtype == jnp.float64 else 1e-6
+        np.testing.assert_allclose(
+            out.batch_stats["mean"], 0.5 * np.asarray(stats["mean"]) + 0.5 * x.mean(0), rtol=rtol
+        )
+        np.testing.assert_allclose(
+            out.batch_stats["var"], 0.5 * np.asarray(stats["var"]) + 0.5 * x.var(0), rtol=rtol
+        )
+
+
+def test_accumulate_moments_signature_is_only_its_arguments():
+    import inspect
+
+    assert list(inspect.signature(tools.accumulate_moments).parameters) == ["acc", "new"]
