@@ -691,7 +691,18 @@ def power_norm(
     cfg = _PowerNormConfig(lay.reduce_axes, float(grad_momentum), axis_name, groups, lay.out_dtype)
     weight = jnp.ones((1,) * x.ndim, sd) if mask is None else jnp.asarray(mask, sd)
     nu = _feature(stats.grad_stat, lay.bshape, sd)
-    y = _power_norm_train(cfg, x, scale_b, bias_b, rstd, nu, weight)
+    try:
+        y = _power_norm_train(cfg, x, scale_b, bias_b, rstd, nu, weight)
+    except TypeError as err:
+        if "forward-mode" not in str(err):
+            raise
+        raise TypeError(
+            f"{fn}: training mode has no forward-mode derivative (jax.jvp, jax.jacfwd, "
+            f"jax.linearize of a forward-mode program): its backward pass is the paper's "
+            f"approximate gradient, defined only in reverse mode (a custom_vjp). Use "
+            f"reverse mode (jax.grad, jax.vjp, jax.jacrev), or training=False, whose "
+            f"forward-mode derivative is exact."
+        ) from None
 
     count, psi_b2 = mean_square(
         x, lay.reduce_axes, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups
