@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from flax.nnx.nn import dtypes as flax_dtypes
 
 import jaxnorm.linen as jnn
 import jaxnorm.nnx as jnnx
@@ -30,8 +31,6 @@ PAIRS = [
     (jnnx.GroupNorm, nnx.GroupNorm),
     (jnnx.InstanceNorm, nnx.InstanceNorm),
 ]
-# flax arguments we deliberately do not take: output dtype is ``dtype or x.dtype``.
-NOT_TAKEN = {"promote_dtype"}
 
 
 def _normal(seed: int, shape, dtype=jnp.float32) -> jax.Array:
@@ -90,8 +89,6 @@ def test_constructor_and_call_signatures_match_flax(ours, theirs):
     mine = inspect.signature(ours.__init__).parameters
     key = jax.random.key(0)
     for name, p in inspect.signature(theirs.__init__).parameters.items():
-        if name in NOT_TAKEN:
-            continue
         assert name in mine, f"{ours.__name__} lacks flax argument {name}"
         assert mine[name].kind == p.kind, name
         if name.endswith("_init"):  # initializers: compare what they produce
@@ -299,6 +296,79 @@ def test_output_dtype_is_dtype_or_input_dtype(cls, args):
     f32 = cls(*args, dtype=jnp.float32, rngs=nnx.Rngs(0), **mode)
     y_default, y_f32 = nnx.jit(lambda a, b, x: (a(x), b(x)))(default, f32, x)
     assert (y_default.dtype, y_f32.dtype) == (jnp.bfloat16, jnp.float32)
+
+
+# ----------------------------------------------------------------- promote_dtype
+
+
+def _recorder(calls: list):
+    """A promote_dtype that records what it is given (shapes, dtypes, dtype=) and then
+    does what flax's default does."""
+
+    def promote(args, /, *, dtype=None, inexact=True):
+        calls.append(
+            (tuple(None if a is None else (a.shape, a.dtype) for a in args), dtype, inexact)
+        )
+        return flax_dtypes.promote_dtype(args, dtype=dtype, inexact=inexact)
+
+    return promote
+
+
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "ours, theirs, args, kw",
+    [
+        (jnnx.BatchNorm, nnx.BatchNorm, (6,), dict(use_running_average=False)),
+        (jnnx.BatchNorm, nnx.BatchNorm, (6,), dict(use_running_average=True, use_bias=False)),
+        (jnnx.LayerNorm, nnx.LayerNorm, (6,), {}),
+        (jnnx.RMSNorm, nnx.RMSNorm, (6,), {}),
+        (jnnx.GroupNorm, nnx.GroupNorm, (6, 3), {}),
+        (jnnx.InstanceNorm, nnx.InstanceNorm, (6,), dict(use_scale=False)),
+    ],
+    ids=["BN-train", "BN-eval-no-bias", "LN", "RMS", "GN", "IN-no-scale"],
+)
+def test_promote_dtype_is_called_as_flax_calls_it(ours, theirs, args, kw, dtype):
+    """Same tuple (input, statistics, parameters; None where absent) and dtype= as flax."""
+    x = _normal(11, (4, 5, 6))
+    got, want = [], []
+    ours(*args, promote_dtype=_recorder(got), dtype=dtype, rngs=nnx.Rngs(0), **kw)(x)
+    theirs(*args, promote_dtype=_recorder(want), dtype=dtype, rngs=nnx.Rngs(0), **kw)(x)
+    assert got == want and len(got) == 1
+
+
+def _to_bf16(args, /, *, dtype=None, inexact=True):
+    """A custom promotion: everything to bfloat16 (e.g. to run a layer in bf16)."""
+    del dtype, inexact
+    return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in args)
+
+
+def _f64(a) -> np.ndarray:
+    return np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "LayerNorm", "RMSNorm"])
+def test_the_layer_normalizes_what_promote_dtype_returns(kind):
+    """A custom promote_dtype's output is what gets normalized: the result equals float64
+    NumPy on the bf16-rounded input and parameters, not on the f32 ones."""
+    x = _normal(12, (16, 6)) * 3 + 1
+    layer = getattr(jnnx, kind)(6, promote_dtype=_to_bf16, rngs=nnx.Rngs(0))
+    _randomize(layer)
+    y = layer(x, use_running_average=False) if kind == "BatchNorm" else layer(x)
+    assert y.dtype == jnp.float32  # the output dtype rule: dtype or x.dtype
+
+    def reference(x, scale, bias):
+        if kind == "RMSNorm":
+            return x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * scale
+        axis, eps = (0, 1e-5) if kind == "BatchNorm" else (-1, 1e-6)
+        mu, var = x.mean(axis, keepdims=True), x.var(axis, keepdims=True)
+        return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+    bias = getattr(layer, "bias", None)
+    params = [layer.scale[...], 0.0 if bias is None else bias[...]]
+    rounded = reference(*(_f64(jnp.asarray(a, jnp.bfloat16)) for a in [x, *params]))
+    unrounded = reference(*(_f64(a) for a in [x, *params]))
+    assert np.abs(rounded - unrounded).max() > 1e-3  # the test can tell the two apart
+    np.testing.assert_allclose(y, rounded, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------ errors

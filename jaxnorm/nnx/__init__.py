@@ -17,10 +17,16 @@ Everything else about modes is as in flax: ``train()`` sets
 
 The other differences from flax are those of :mod:`jaxnorm.linen`: exact statistics
 under masks and device shards, an empty mask updates nothing, output dtype
-``dtype or x.dtype`` (flax promotes bf16 to f32; no ``promote_dtype`` argument),
-``use_fast_variance`` accepted and ignored, and the BatchNorm extras ``momentum=None``,
+``dtype or x.dtype`` (flax promotes bf16 to f32), ``use_fast_variance`` accepted and
+ignored, and the BatchNorm extras ``momentum=None``,
 ``unbiased_running_var`` and ``track_count``, with a ``count`` ``BatchStat`` (int32
 scalar) only when ``momentum is None`` or ``track_count=True``.
+
+``promote_dtype`` is taken, with flax's default, by every layer (the variants too) and
+called as flax calls it, on the input, the running statistics and the parameters with
+``dtype=dtype``; the layer normalizes the input and parameters it returns (running
+statistics are read as stored, at least float32), and only the output dtype keeps the
+rule above.
 
 For features spread over several axes (e.g. ``feature_axes=(-2, -1)``) the
 variables are flat, ``(num_features,)`` with ``num_features`` the product of the

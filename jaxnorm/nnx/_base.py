@@ -1,7 +1,8 @@
 """What the NNX layers share, declared once; no numbers are computed here.
 
 * :class:`_Layer`: the optional ``scale``/``bias`` Params (flat ``(num_features,)``,
-  as flax NNX) and the layer's settings as attributes. A public constructor keeps
+  as flax NNX), the layer's settings as attributes, and the inputs of a call as flax
+  prepares them (``promote_dtype``). A public constructor keeps
   its explicit signature and hands all of it over in one line,
   ``super().__init__(..., **_arguments(locals()))``.
 * :class:`_PerSampleNorm`: the call of the stateless norms (layer, RMS, group,
@@ -148,10 +149,26 @@ class _Layer(nnx.Module):
         for name, value in settings.items():
             setattr(self, name, value)
 
-    def _params(self, feature_shape: tuple[int, ...]) -> tuple[jax.Array | None, ...]:
-        """``(scale, bias)`` fitted to ``feature_shape`` (``bias`` ``None`` if it has none)."""
-        bias = self.bias if hasattr(self, "use_bias") else None
-        return _fit(_value(self.scale), feature_shape), _fit(_value(bias), feature_shape)
+    def _inputs(self, x: jax.Array, feature_shape: tuple[int, ...], *variables: jax.Array):
+        """``(x, scale, bias, dtype)`` for the functional call, prepared as flax prepares them.
+
+        ``self.promote_dtype`` is called as flax calls it, on ``(x, *variables, scale,
+        bias)`` (``(x, *variables, scale)`` without a bias) with ``dtype=self.dtype``, and
+        the layer normalizes the ``x``, ``scale`` and ``bias`` it returns, the parameters
+        fitted to ``feature_shape``; running statistics are read as stored. The output
+        dtype stays ``self.dtype``, else ``x``'s own (flax's default promotion turns a
+        bf16 input with f32 parameters into an f32 output). An integer ``x`` is passed
+        on as it is, for the core to refuse.
+        """
+        params = (self.scale, self.bias) if hasattr(self, "use_bias") else (self.scale,)
+        params = tuple(_value(p) for p in params)
+        dtype = self.dtype
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            dtype = jnp.result_type(x) if dtype is None else dtype
+            x, *promoted = self.promote_dtype((x, *variables, *params), dtype=self.dtype)
+            params = tuple(promoted[len(variables) :])
+        scale, bias = (*(_fit(p, feature_shape) for p in params), None)[:2]
+        return x, scale, bias, dtype
 
 
 class _PerSampleNorm(_Layer):
@@ -172,9 +189,9 @@ class _PerSampleNorm(_Layer):
           ValueError, TypeError: an ``x`` without ``num_features`` features, and the
             refusals of the functional core, prefixed with the class name.
         """
-        scale, bias = self._params(self._feature_shape(x))
+        x, scale, bias, dtype = self._inputs(x, self._feature_shape(x))
         with _errors_at(self):
-            return self._normalize(x, scale, bias, mask=mask, dtype=self.dtype)
+            return self._normalize(x, scale, bias, mask=mask, dtype=dtype)
 
     def _feature_shape(self, x: jax.Array) -> tuple[int, ...]:
         """The feature shape of ``x`` at ``feature_axes`` (it must hold ``num_features``)."""
@@ -209,6 +226,11 @@ class _StatsLayer(_Layer):
         return self._stats_type(
             *(jnp.zeros((), jnp.int32) if v is None else _fit(v, feature_shape) for v in values)
         )
+
+    def _stat_arrays(self) -> tuple[jax.Array, ...]:
+        """The stored floating statistics, flat: what flax hands ``promote_dtype``."""
+        fields = (f for f in self._stats_type._fields if f != "count")
+        return tuple(_value(getattr(self, f)) for f in fields)
 
     def _store(self, new: NamedTuple) -> None:
         """Write new statistics back (flat); ``None`` values and absent variables are skipped."""
@@ -250,7 +272,7 @@ class _BatchNormBase(_StatsLayer):
         training = self._training(use_running_average)
         feature_shape = _feature_shape(self, "axis", self.axis, x)
         stats = self._stats(feature_shape)
-        scale, bias = self._params(feature_shape)
+        x, scale, bias, dtype = self._inputs(x, feature_shape, *self._stat_arrays())
         with _errors_at(self):
             y, new = self._normalize(
                 x,
@@ -261,7 +283,7 @@ class _BatchNormBase(_StatsLayer):
                 mask=mask,
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
-                dtype=self.dtype,
+                dtype=dtype,
             )
         if training:
             self._store(new)

@@ -7,7 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from jaxnorm._checks import Axes
 from jaxnorm._layer_calls import BatchNormCall
@@ -50,6 +51,7 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
       axis_index_groups: device groups for the cross-device reduction.
       use_fast_variance: accepted for compatibility and ignored: the core's variance
         stays correct for large means either way.
+      promote_dtype: as flax, applied to ``(x, mean, var, scale, bias)`` and ``dtype`` first.
       unbiased_running_var: store the Bessel-corrected batch variance in the running
         average (torch's convention).
       track_count: keep the ``count`` BatchStat even with a numeric ``momentum``.
@@ -87,6 +89,7 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         unbiased_running_var: bool = False,
         track_count: bool = False,
         skip_nonfinite: bool = False,

@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
@@ -42,6 +43,7 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
       use_fast_variance: accepted for compatibility and ignored.
+      promote_dtype: as flax, applied to ``(x, scale, bias)`` and ``dtype`` first.
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
@@ -70,6 +72,7 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -96,6 +99,7 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
       use_fast_variance: accepted for compatibility and ignored.
+      promote_dtype: as flax, applied to ``(x, scale)`` and ``dtype`` first.
       rngs: random generators for the parameter initializer.
       scale_metadata: extra metadata for the ``scale`` Param.
 
@@ -121,6 +125,7 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
@@ -164,6 +169,7 @@ class GroupNorm(GroupNormCall, _PerSampleNorm):
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
       use_fast_variance: accepted for compatibility and ignored.
+      promote_dtype: as flax, applied to ``(x, scale, bias)`` and ``dtype`` first.
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
@@ -197,6 +203,7 @@ class GroupNorm(GroupNormCall, _PerSampleNorm):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -245,6 +252,7 @@ class InstanceNorm(InstanceNormCall, _PerSampleNorm):
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
       use_fast_variance: accepted for compatibility and ignored.
+      promote_dtype: as flax, applied to ``(x, scale, bias)`` and ``dtype`` first.
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
@@ -272,6 +280,7 @@ class InstanceNorm(InstanceNormCall, _PerSampleNorm):
         axis_name: Any = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,

@@ -28,7 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.typing import Dtype, Initializer
+from flax.nnx.nn import dtypes
+from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from jaxnorm._checks import Axes
 from jaxnorm._layer_calls import (
@@ -95,6 +96,7 @@ class BatchRenorm(BatchRenormCall, _BatchNormBase):
       scale_init: initializer for ``scale``.
       axis_name: named axis across which the batch is split.
       axis_index_groups: device groups for the cross-device reduction.
+      promote_dtype: as flax, applied to ``(x, mean, var, scale, bias)`` and ``dtype`` first.
       unbiased_running_var: store the Bessel-corrected batch variance (torch's).
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
@@ -131,6 +133,7 @@ class BatchRenorm(BatchRenormCall, _BatchNormBase):
         scale_init: Initializer = nnx.initializers.ones,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         unbiased_running_var: bool = False,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -176,6 +179,8 @@ class PowerNorm(PowerNormCall, _BatchNormBase):
       scale_init: initializer for ``scale``.
       axis_name: named axis across which the batch is split.
       axis_index_groups: device groups for the cross-device reduction.
+      promote_dtype: as flax, applied to ``(x, mean_square, grad_stat, scale, bias)``
+        and ``dtype`` first.
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
@@ -200,6 +205,7 @@ class PowerNorm(PowerNormCall, _BatchNormBase):
         scale_init: Initializer = nnx.initializers.ones,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -260,6 +266,7 @@ class GhostBatchNorm(GhostBatchNormCall, _BatchNormBase):
       scale_init: initializer for ``scale``.
       axis_name: named axis across which the running-statistics update is merged.
       axis_index_groups: device groups for that merge.
+      promote_dtype: as flax, applied to ``(x, mean, var, scale, bias)`` and ``dtype`` first.
       unbiased_running_var: store the Bessel-corrected variance (torch's).
       track_count: keep the ``count`` BatchStat even with a numeric ``momentum``.
       rngs: random generators for the parameter initializers.
@@ -284,6 +291,7 @@ class GhostBatchNorm(GhostBatchNormCall, _BatchNormBase):
         scale_init: Initializer = nnx.initializers.ones,
         axis_name: Any = None,
         axis_index_groups: Any = None,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         unbiased_running_var: bool = False,
         track_count: bool = False,
         rngs: nnx.Rngs,
@@ -317,6 +325,7 @@ class FrozenBatchNorm(FrozenBatchNormCall, _StatsLayer):
       use_scale: multiply by a learned ``scale``.
       bias_init: initializer for ``bias``.
       scale_init: initializer for ``scale``.
+      promote_dtype: as flax, applied to ``(x, mean, var, scale, bias)`` and ``dtype`` first.
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
@@ -334,6 +343,7 @@ class FrozenBatchNorm(FrozenBatchNormCall, _StatsLayer):
         use_scale: bool = True,
         bias_init: Initializer = nnx.initializers.zeros,
         scale_init: Initializer = nnx.initializers.ones,
+        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
@@ -355,15 +365,16 @@ class FrozenBatchNorm(FrozenBatchNormCall, _StatsLayer):
           x: floating input.
           use_running_average: ignored: the stored statistics are used in every mode
             (``model.train()`` and ``nnx.view`` leave them frozen).
-          mask: ignored (no statistics are computed).
+          mask: optional boolean array broadcastable to ``x``; padding (``False``, which
+            may hold NaN) passes no gradient to ``scale``/``bias``.
 
         Returns:
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
-        del use_running_average, mask
+        del use_running_average
         feature_shape = _feature_shape(self, "axis", self.axis, x)
         stats = self._stats(feature_shape)
-        scale, bias = self._params(feature_shape)
+        x, scale, bias, dtype = self._inputs(x, feature_shape, *self._stat_arrays())
         with _errors_at(self):
-            y, _ = self._normalize(x, stats, scale, bias, mask=None, dtype=self.dtype)
+            y, _ = self._normalize(x, stats, scale, bias, mask=mask, dtype=dtype)
         return y
