@@ -311,3 +311,43 @@ def test_reference_is_not_vacuous():
     ym = ref_standardize(x, (1,), (1,), np.ones(4), np.zeros(4), epsilon=0.0, mask=mask,
                          center=True)  # fmt: skip
     np.testing.assert_allclose(ym[:, :2], np.sign(x[:, :2] - x[:, 1::-1]))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(st.data())
+def test_large_means_keep_exact_statistics(data):
+    """Mean 1e4 or 1e6, std 1, float32, masks of any shape: the running variance stays
+    within 1e-5 of float64, and the output is standardized up to one shared offset, which
+    the float32 spacing of the mean bounds (the mean itself is stored in float32)."""
+    shape = data.draw(st.sampled_from(SHAPES), "shape")
+    feature_axes, axis = data.draw(axes_of(len(shape), min_size=0, max_size=len(shape) - 1))
+    offset = data.draw(st.sampled_from([1e4, 1e6]), "offset")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.standard_normal(shape) + offset).astype(np.float32)
+    mask = data.draw(masks_for(shape, rng), "mask")
+    fshape = tuple(shape[a] for a in feature_axes)
+    stats = jaxnorm.init_batch_stats(fshape)
+    y, new = _call("batch_norm",
+        jnp.asarray(x), stats, training=True, axis=axis, momentum=0.0, epsilon=1e-5,
+        mask=None if mask is None else jnp.asarray(mask),
+    )  # fmt: skip
+    x64 = x.astype(np.float64)
+    y_ref, mean_ref, var_ref, _ = ref_batch_norm(
+        x64, np.zeros(fshape), np.ones(fshape), 0, np.ones(fshape), np.zeros(fshape),
+        feature_axes=feature_axes, training=True, momentum=0.0, epsilon=1e-5, mask=mask,
+        unbiased=False,
+    )  # fmt: skip
+    reduce_axes = tuple(a for a in range(len(shape)) if a not in feature_axes)
+    n, _, _, _ = ref_moments(x64, reduce_axes, mask)
+    seen = (n > 1).reshape(fshape) & (var_ref > 0)  # features with a variance to compare
+    np.testing.assert_allclose(np.asarray(new.var)[seen], var_ref[seen], rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(new.mean), mean_ref, rtol=1e-7, atol=0)
+    # The output: standardized, up to the float32 rounding of the mean (half a spacing of
+    # the offset) divided by the feature's standard deviation.
+    bshape = tuple(shape[a] if a in feature_axes else 1 for a in range(len(shape)))
+    bound = np.spacing(np.float32(offset)) / np.sqrt(var_ref + 1e-5).reshape(bshape) + 1e-4
+    check = np.broadcast_to(True if mask is None else mask, shape) & np.broadcast_to(
+        seen.reshape(bshape), shape
+    )
+    err = np.abs(np.asarray(y, np.float64) - y_ref)
+    assert np.all(err[check] <= np.broadcast_to(bound, shape)[check])
