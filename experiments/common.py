@@ -1,4 +1,4 @@
-"""What every experiment shares: its config, its registry entry, metric files, progress bars.
+"""What every experiment shares: run options, the registry entry, metric files, progress bars.
 
 Data flows one way: an experiment's ``run`` trains and writes metric files
 (``<out_dir>/<name>/metrics.json``, plus CSV where tables help); its ``plot`` reads only
@@ -10,14 +10,18 @@ regenerates each figure). ``python -m experiments`` assembles the sections into
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from experiments.data_images import ImageData
 
 T = TypeVar("T")
 
@@ -39,6 +43,16 @@ class RunConfig:
         path = Path(self.out_dir) / name
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def seeds_or(self, default: int) -> int:
+        """The number of seeds: ``--seeds`` if given, else the experiment's ``default``."""
+        return self.seeds if self.seeds is not None else default
+
+    def mnist(self) -> ImageData:
+        """MNIST from the ``--data-dir`` IDX files if given, else from the pinned PyPI package."""
+        from experiments.data_images import load_mnist
+
+        return load_mnist(self.data_dir)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,34 @@ def read_json(path: Path) -> Any:
         return v
 
     return restore(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV table: one header row, then ``rows``."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(list(header))
+        writer.writerows(rows)
+
+
+def write_csv_dicts(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Write dicts as a CSV table, columns in the first row's key order (nothing if empty)."""
+    if not rows:
+        return
+    keys = list(rows[0])
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in keys})
+
+
+def to_lists(tree: Any) -> Any:
+    """A pytree of arrays as nested Python lists (floats, bools) for JSON."""
+    import jax
+    import numpy as np
+
+    return jax.tree.map(lambda a: np.asarray(a).tolist(), tree)
 
 
 def progress(

@@ -7,6 +7,9 @@ Two models share one pre-norm block:
 * `TransformerClassifier`: a bidirectional encoder over padded verses that pools the real
   tokens into one label, for ``padding``.
 
+A third, `CharTransformer` (``powernorm_lm``), is a decoder-only character model whose norm is
+LayerNorm, BatchNorm or :class:`jaxnorm.variants_linen.PowerNorm`.
+
 Every normalization comes from `Norm`, which picks one of `NORM_KINDS`:
 
 ==================  ==============================================================
@@ -27,6 +30,7 @@ is a per-token affine map and the model is causal.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import flax.linen as nn
@@ -34,9 +38,29 @@ import jax
 import jax.numpy as jnp
 
 import jaxnorm.linen as jnn
+import jaxnorm.variants_linen as vnn
 
 NormKind = Literal["layernorm", "rmsnorm", "batchnorm", "batchnorm_masked", "none"]
 NORM_KINDS: tuple[NormKind, ...] = ("layernorm", "rmsnorm", "batchnorm", "batchnorm_masked", "none")
+CHAR_TRANSFORMER_NORMS = ("layernorm", "batchnorm", "powernorm")  # CharTransformer's norms
+
+# How figures and reports name and colour every norm of the language models.
+NORM_LABELS = {
+    "layernorm": "LayerNorm",
+    "rmsnorm": "RMSNorm",
+    "batchnorm": "BatchNorm",
+    "batchnorm_masked": "BatchNorm + mask",
+    "powernorm": "PowerNorm",
+    "none": "no norm",
+}
+NORM_COLORS = {
+    "layernorm": "tab:blue",
+    "rmsnorm": "tab:green",
+    "batchnorm": "tab:red",
+    "batchnorm_masked": "tab:purple",
+    "powernorm": "tab:green",
+    "none": "tab:gray",
+}
 
 
 class Norm(nn.Module):
@@ -226,3 +250,83 @@ class TransformerClassifier(nn.Module):
         weights = mask.astype(x.dtype)[..., None]
         pooled = (x * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1.0)
         return nn.Dense(self.num_classes, name="head")(pooled)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention over ``(batch, time, d_model)``."""
+
+    n_heads: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Attend from each position to itself and the positions before it."""
+        b, t, d = x.shape
+        dh = d // self.n_heads
+        qkv = nn.Dense(3 * d, use_bias=False)(x).reshape(b, t, 3, self.n_heads, dh)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+        return nn.Dense(d, use_bias=False)(out)
+
+
+class CharTransformer(nn.Module):
+    """A pre-norm, decoder-only character Transformer with a choice of norm layer.
+
+    Every norm (two per block and the final one) is the same kind: ``"layernorm"``
+    (:class:`jaxnorm.linen.LayerNorm`), ``"batchnorm"`` (:class:`jaxnorm.linen.BatchNorm`
+    over batch x time, running statistics in evaluation) or ``"powernorm"``
+    (:class:`jaxnorm.variants_linen.PowerNorm`).
+
+    Attributes:
+      vocab_size: number of token ids.
+      context: maximum sequence length (learned position embeddings).
+      d_model: residual width.
+      n_layers: blocks.
+      n_heads: attention heads.
+      mlp_ratio: MLP hidden width / ``d_model``.
+      norm: the norm kind, one of `CHAR_TRANSFORMER_NORMS`.
+      bn_momentum: BatchNorm momentum.
+      pn_momentum: PowerNorm momentum (forward and backward).
+    """
+
+    vocab_size: int
+    context: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_ratio: int
+    norm: str
+    bn_momentum: float = 0.99
+    pn_momentum: float = 0.9
+
+    def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+        if self.norm == "layernorm":
+            return jnn.LayerNorm(name=name)(x)
+        if self.norm == "batchnorm":
+            return jnn.BatchNorm(momentum=self.bn_momentum, name=name)(
+                x, use_running_average=not train
+            )
+        if self.norm == "powernorm":
+            return vnn.PowerNorm(momentum=self.pn_momentum, name=name)(
+                x, use_running_average=not train
+            )
+        raise ValueError(
+            f"CharTransformer: unknown norm {self.norm!r}; choose from {CHAR_TRANSFORMER_NORMS}"
+        )
+
+    @nn.compact
+    def __call__(self, ids: jax.Array, train: bool) -> jax.Array:
+        """Next-character logits ``(batch, time, vocab)`` of ``ids`` ``(batch, time)``."""
+        t = ids.shape[1]
+        pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.context, self.d_model))
+        x = nn.Embed(self.vocab_size, self.d_model)(ids) + pos[None, :t]
+        for i in range(self.n_layers):
+            x = x + CausalSelfAttention(self.n_heads, name=f"attn_{i}")(
+                self._norm(x, train, f"norm_attn_{i}")
+            )
+            h = self._norm(x, train, f"norm_mlp_{i}")
+            h = nn.Dense(self.mlp_ratio * self.d_model, name=f"mlp_in_{i}")(h)
+            x = x + nn.Dense(self.d_model, name=f"mlp_out_{i}")(nn.gelu(h))
+        return nn.Dense(self.vocab_size, name="head")(self._norm(x, train, "norm_final"))

@@ -1,6 +1,7 @@
-"""Models and training programs of the vision experiments (``experiments.vision``).
+"""Models and training programs of the vision experiments (init_sweep, lr_sweep, overfit,
+cnn_norms, small_batch), with the device arrays they train on.
 
-Two model families, both with their normalization from jaxnorm:
+Three model families, all with their normalization from jaxnorm:
 
 * A functional MLP (``init_mlp``/``mlp_forward``) whose optional batch normalization is
   :func:`jaxnorm.batch_norm` with explicit running statistics, trained by plain SGD in
@@ -9,6 +10,8 @@ Two model families, both with their normalization from jaxnorm:
 * A small conv net (``SmallCNN``) built from the Flax linen modules of :mod:`jaxnorm.linen`
   (``BatchNorm``, ``LayerNorm``, ``GroupNorm``, ``RMSNorm`` or none), trained with Adam by
   ``make_cnn_program`` with the seeds vmapped.
+* An MLP (``NormMLP``) whose norm is :class:`jaxnorm.linen.BatchNorm` or one of the batch-norm
+  variants of :mod:`jaxnorm.variants_linen` (``BatchRenorm``, ``GhostBatchNorm``).
 
 Shapes: images are ``float32`` of shape ``(n, 28, 28)`` (standardized pixels), labels
 ``int32`` of shape ``(n,)``. A minibatch order is an ``int32`` array of shape
@@ -29,6 +32,9 @@ import optax
 
 import jaxnorm
 import jaxnorm.linen as jnn
+import jaxnorm.variants_linen as vnn
+from experiments.data_images import ImageData, normalize_images
+from experiments.training import epoch_batches
 
 # ---------------------------------------------------------------------------------------------
 # Data on the device
@@ -71,10 +77,36 @@ def minibatch_order(
     steps = n_train // batch_size
     if steps < 1:
         raise ValueError(f"minibatch_order: batch_size={batch_size} > n_train={n_train}")
-    rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(n_train)[: steps * batch_size] for _ in range(epochs)])
-    shape = (epochs // epochs_per_block, epochs_per_block, steps, batch_size)
-    return perms.reshape(shape).astype(np.int32)
+    order = epoch_batches(seed, n_train, steps=epochs * steps, batch=batch_size)
+    return order.reshape(epochs // epochs_per_block, epochs_per_block, steps, batch_size)
+
+
+def flat_arrays(images: ImageData, *, mean: float, std: float) -> ArrayData:
+    """Standardized, flattened ``(n, height * width)`` device arrays of a split."""
+
+    def flat(x: np.ndarray) -> jax.Array:
+        return jnp.asarray(normalize_images(x, mean=mean, std=std).reshape(len(x), -1))
+
+    return ArrayData(
+        flat(images.x_train),
+        jnp.asarray(images.y_train),
+        flat(images.x_test),
+        jnp.asarray(images.y_test),
+    )
+
+
+def image_arrays(images: ImageData, *, mean: float, std: float) -> ArrayData:
+    """Standardized ``(n, height, width, 1)`` device arrays of a split."""
+
+    def img(x: np.ndarray) -> jax.Array:
+        return jnp.asarray(normalize_images(x, mean=mean, std=std)[..., None])
+
+    return ArrayData(
+        img(images.x_train),
+        jnp.asarray(images.y_train),
+        img(images.x_test),
+        jnp.asarray(images.y_test),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,3 +488,46 @@ def make_cnn_program(
         return jax.vmap(chunk_one, in_axes=(0, None, 0))(state, data, idx)
 
     return init, chunk
+
+
+# ---------------------------------------------------------------------------------------------
+# MLP with BatchNorm or a batch-norm variant from jaxnorm.variants_linen
+# ---------------------------------------------------------------------------------------------
+
+
+class NormMLP(nn.Module):
+    """``Dense -> norm -> ReLU`` per hidden layer, then a ``Dense`` classifier.
+
+    Attributes:
+      hidden: hidden widths.
+      norm: ``"bn"`` (:class:`jaxnorm.linen.BatchNorm`), ``"renorm"``
+        (:class:`jaxnorm.variants_linen.BatchRenorm`) or ``"ghost"``
+        (:class:`jaxnorm.variants_linen.GhostBatchNorm`).
+      momentum: running-statistics momentum of every norm layer.
+      virtual: Ghost BN virtual batch size.
+      renorm: BatchRenorm keyword arguments (limits and schedule).
+      num_classes: output classes.
+    """
+
+    hidden: tuple[int, ...]
+    norm: str
+    momentum: float = 0.99
+    virtual: int | None = None
+    renorm: tuple[tuple[str, Any], ...] = ()
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        """Logits of ``x`` (``(n, features)``); ``train`` normalizes with batch statistics."""
+        for width in self.hidden:
+            x = nn.Dense(width, use_bias=False)(x)
+            if self.norm == "bn":
+                layer = jnn.BatchNorm(momentum=self.momentum)
+            elif self.norm == "renorm":
+                layer = vnn.BatchRenorm(momentum=self.momentum, **dict(self.renorm))
+            elif self.norm == "ghost":
+                layer = vnn.GhostBatchNorm(self.virtual, momentum=self.momentum)
+            else:
+                raise ValueError(f"NormMLP: unknown norm {self.norm!r}")
+            x = nn.relu(layer(x, use_running_average=not train))
+        return nn.Dense(self.num_classes)(x)
