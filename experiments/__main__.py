@@ -14,10 +14,14 @@ from pathlib import Path
 
 from experiments.common import Experiment, RunConfig
 
-# Each module defines EXPERIMENTS: list[Experiment]; order = report order.
+# One module per experiment, each defining EXPERIMENTS: list[Experiment]. This order is the
+# run order; the report lists the vision group first, then language (stable within a group).
 _MODULES = (
-    "experiments.vision",
-    "experiments.parallel",
+    "experiments.init_sweep",
+    "experiments.lr_sweep",
+    "experiments.overfit",
+    "experiments.cnn_norms",
+    "experiments.parallel",  # data_parallel
     "experiments.language",
     "experiments.variants_exp",
 )

@@ -1,4 +1,4 @@
-"""Tests for experiments/vision.py and experiments/models_vision.py.
+"""Tests of the vision experiments (init_sweep, lr_sweep, overfit, cnn_norms) and models_vision.
 
 Every vision experiment runs once in ``--quick`` mode through the real entry point
 (``experiments.__main__.main``) into a temporary folder; the tests then check the metric
@@ -19,12 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import cnn_norms, init_sweep, lr_sweep, overfit
 from experiments import models_vision as mv
-from experiments import vision
 from experiments.__main__ import main
 from experiments.common import RunConfig, read_json
 
 NAMES = ("init_sweep", "lr_sweep", "overfit", "cnn_norms")
+EXPERIMENTS = [e for m in (init_sweep, lr_sweep, overfit, cnn_norms) for e in m.EXPERIMENTS]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,8 @@ def _in_unit_interval(values) -> bool:
 
 
 def test_registry_names() -> None:
-    assert [e.name for e in vision.EXPERIMENTS] == list(NAMES)
-    assert {e.group for e in vision.EXPERIMENTS} == {"vision"}
+    assert [e.name for e in EXPERIMENTS] == list(NAMES)
+    assert {e.group for e in EXPERIMENTS} == {"vision"}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -54,7 +55,7 @@ def test_outputs_exist_and_report_states_claim(quick_out: Path, name: str) -> No
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)
     m = read_json(folder / "metrics.json")
     assert "config" in m and m["wall_s"] > 0
-    section = vision.EXPERIMENTS[NAMES.index(name)].report(folder)
+    section = EXPERIMENTS[NAMES.index(name)].report(folder)
     assert "**Claim.**" in section and "**Verdict" in section
     assert f"python -m experiments {name}" in section
     report = (quick_out / "REPORT.md").read_text(encoding="utf-8")
@@ -64,8 +65,8 @@ def test_outputs_exist_and_report_states_claim(quick_out: Path, name: str) -> No
 def test_init_sweep_outputs(quick_out: Path) -> None:
     folder = quick_out / "init_sweep"
     m = read_json(folder / "metrics.json")
-    c = vision.InitSweepConfig.quick()
-    assert c == vision.InitSweepConfig(**m["config"])
+    c = init_sweep.InitSweepConfig.quick()
+    assert c == init_sweep.InitSweepConfig(**m["config"])
     np.testing.assert_allclose(m["stds"], c.stds(), rtol=1e-6)
     assert m["stds"][0] == pytest.approx(c.std_max) and m["stds"][-1] == pytest.approx(c.std_min)
     for variant in ("plain", "bn"):
@@ -81,14 +82,12 @@ def test_init_sweep_outputs(quick_out: Path) -> None:
         rows = list(csv.DictReader(f))
     assert len(rows) == c.n_stds
     assert float(rows[0]["train_acc_bn"]) == pytest.approx(m["bn"]["train_acc"][0][-1])
-    assert "Batch normalization makes training far less sensitive" in vision.report_init_sweep(
-        folder
-    )
+    assert "Batch normalization makes training far less sensitive" in init_sweep.report(folder)
 
 
 def test_lr_sweep_outputs(quick_out: Path) -> None:
     m = read_json(quick_out / "lr_sweep" / "metrics.json")
-    c = vision.LRSweepConfig.quick()
+    c = lr_sweep.LRSweepConfig.quick()
     lrs = np.array(m["lrs"])
     assert len(lrs) == c.n_lrs and np.all(np.diff(lrs) > 0)
     assert lrs[0] == pytest.approx(c.lr_min) and lrs[-1] == pytest.approx(c.lr_max)
@@ -102,25 +101,25 @@ def test_lr_sweep_outputs(quick_out: Path) -> None:
         assert np.all(np.isfinite(loss[~np.array(r["diverged"])]))
     with open(quick_out / "lr_sweep" / "runs.csv", encoding="utf-8") as f:
         assert len(list(csv.DictReader(f))) == 2 * c.seeds * c.n_lrs
-    assert "larger learning rates" in vision.report_lr_sweep(quick_out / "lr_sweep")
+    assert "larger learning rates" in lr_sweep.report(quick_out / "lr_sweep")
 
 
 def test_overfit_outputs(quick_out: Path) -> None:
     m = read_json(quick_out / "overfit" / "metrics.json")
-    c = vision.OverfitConfig.quick()
+    c = overfit.OverfitConfig.quick()
     assert set(m["variants"]) == {"plain", "bn", "dropout"}
     assert m["eval_epochs"] == list(range(c.eval_every, c.epochs + 1, c.eval_every))
     for variant in m["variants"]:
         r = m[variant]
         assert np.shape(r["train_acc"]) == (c.seeds, c.epochs // c.eval_every)
         assert _in_unit_interval(r["train_acc"]) and _in_unit_interval(r["eval_acc"])
-    section = vision.report_overfit(quick_out / "overfit")
+    section = overfit.report(quick_out / "overfit")
     assert "regularizes" in section and "gap" in section
 
 
 def test_cnn_norms_outputs(quick_out: Path) -> None:
     m = read_json(quick_out / "cnn_norms" / "metrics.json")
-    c = vision.CNNNormsConfig.quick()
+    c = cnn_norms.CNNNormsConfig.quick()
     assert m["norms"] == list(mv.NORMS)
     r = m["datasets"]["mnist"]
     assert r["eval_steps"] == [c.steps // c.n_evals * (k + 1) for k in range(c.n_evals)]
@@ -154,7 +153,7 @@ def test_data_dir_reaches_the_loader(tmp_path: Path) -> None:
         header = (0x0800 | a.ndim).to_bytes(4, "big")
         header += b"".join(d.to_bytes(4, "big") for d in a.shape)
         (tmp_path / f"{name}.gz").write_bytes(gzip.compress(header + a.tobytes()))
-    images = vision._mnist(RunConfig(out_dir=tmp_path, data_dir=str(tmp_path)))
+    images = RunConfig(out_dir=tmp_path, data_dir=str(tmp_path)).mnist()
     np.testing.assert_array_equal(images.x_train, arrays["train-images-idx3-ubyte"])
     np.testing.assert_array_equal(images.y_test, arrays["t10k-labels-idx1-ubyte"])
 
