@@ -22,7 +22,8 @@ _MODULES = (
     "experiments.overfit",
     "experiments.cnn_norms",
     "experiments.parallel",  # data_parallel
-    "experiments.language",
+    "experiments.charlm",
+    "experiments.padding",
     "experiments.variants_exp",
 )
 

@@ -12,7 +12,7 @@ import pytest
 
 from experiments import __main__ as cli
 from experiments.common import read_json
-from experiments.language import divergence_step, eval_windows, nats_to_bpc
+from experiments.lm_training import divergence_step, eval_windows, nats_to_bpc
 from experiments.models_language import NORM_KINDS, TransformerClassifier, TransformerLM
 
 VOCAB = 11
