@@ -24,7 +24,8 @@ _MODULES = (
     "experiments.parallel",  # data_parallel
     "experiments.charlm",
     "experiments.padding",
-    "experiments.variants_exp",
+    "experiments.small_batch",
+    "experiments.powernorm_lm",
 )
 
 

@@ -1,4 +1,4 @@
-"""Smoke tests of ``experiments.variants_exp``: each experiment's quick mode end to end.
+"""Smoke tests of ``experiments.small_batch`` and ``experiments.powernorm_lm``, end to end.
 
 Each test runs ``run`` in quick mode into ``tmp_path``, then ``plot`` and ``report`` from the
 metric files, and checks that the outputs exist and hold sane numbers.
@@ -17,15 +17,16 @@ pytest.importorskip("matplotlib")
 pytest.importorskip("optax")
 
 from experiments.common import RunConfig, read_json  # noqa: E402
-from experiments.variants_exp import (  # noqa: E402
-    EXPERIMENTS,
-    plot_powernorm_lm,
-    plot_small_batch,
-    report_powernorm_lm,
-    report_small_batch,
-    run_powernorm_lm,
-    run_small_batch,
-)
+from experiments.powernorm_lm import EXPERIMENTS as POWERNORM_LM_EXPERIMENTS  # noqa: E402
+from experiments.powernorm_lm import plot as plot_powernorm_lm  # noqa: E402
+from experiments.powernorm_lm import report as report_powernorm_lm  # noqa: E402
+from experiments.powernorm_lm import run as run_powernorm_lm  # noqa: E402
+from experiments.small_batch import EXPERIMENTS as SMALL_BATCH_EXPERIMENTS  # noqa: E402
+from experiments.small_batch import plot as plot_small_batch  # noqa: E402
+from experiments.small_batch import report as report_small_batch  # noqa: E402
+from experiments.small_batch import run as run_small_batch  # noqa: E402
+
+EXPERIMENTS = SMALL_BATCH_EXPERIMENTS + POWERNORM_LM_EXPERIMENTS
 
 
 def _quick(tmp_path: Path) -> RunConfig:
