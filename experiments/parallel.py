@@ -42,7 +42,6 @@ and the report section read only those files.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -60,8 +59,19 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 import jaxnorm.linen as jnn
-from experiments import data as vdata
-from experiments.common import Experiment, RunConfig, Timer, progress, read_json, write_json
+from experiments.common import (
+    Experiment,
+    RunConfig,
+    Timer,
+    progress,
+    read_json,
+    write_csv,
+    write_json,
+)
+from experiments.data_images import MNIST_MEAN, MNIST_STD, subset
+from experiments.models_vision import ArrayData, flat_arrays
+from experiments.plotting import pyplot
+from experiments.training import epoch_batches
 
 NAME = "data_parallel"
 AXIS = "data"
@@ -184,18 +194,9 @@ def uneven_mask(global_batch: int, devices: int) -> np.ndarray:
     return (np.arange(per)[None, :] < (per - drop)[:, None]).reshape(-1)
 
 
-def minibatch_indices(seed: int, n_train: int, *, steps: int, batch: int) -> np.ndarray:
-    """``(steps, batch)`` training indices: consecutive epochs of fresh permutations."""
-    rng = np.random.default_rng(seed)
-    per_epoch = n_train // batch
-    epochs = -(-steps // per_epoch)
-    perms = [rng.permutation(n_train)[: per_epoch * batch] for _ in range(epochs)]
-    return np.concatenate(perms).reshape(-1, batch)[:steps].astype(np.int32)
-
-
 def train_run(
     config: DataParallelConfig,
-    arrays: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    arrays: ArrayData,
     *,
     devices: int,
     mask_devices: int | None = None,
@@ -237,7 +238,7 @@ def train_run(
             lambda p: jnp.where(coins.random(p.shape) < 0.5, jnp.nextafter(p, jnp.inf), p),
             state["params"],
         )
-    idx = minibatch_indices(
+    idx = epoch_batches(
         config.seed + 1, x.shape[0], steps=config.steps, batch=config.global_batch
     ).reshape(config.chunks, -1, config.global_batch)
     valid = np.ones(idx.shape, bool)
@@ -278,20 +279,9 @@ def _max_rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-12)))
 
 
-def _arrays(config: DataParallelConfig, cfg: RunConfig):
-    images = vdata.subset(
-        vdata.load_mnist(cfg.data_dir), config.n_train, config.seed, n_test=config.n_test
-    )
-
-    def flat(a: np.ndarray) -> jax.Array:
-        return jnp.asarray(vdata.normalize_images(a).reshape(len(a), -1))
-
-    return (
-        flat(images.x_train),
-        jnp.asarray(images.y_train),
-        flat(images.x_test),
-        jnp.asarray(images.y_test),
-    )
+def _arrays(config: DataParallelConfig, cfg: RunConfig) -> ArrayData:
+    images = subset(cfg.mnist(), config.n_train, config.seed, n_test=config.n_test)
+    return flat_arrays(images, mean=MNIST_MEAN, std=MNIST_STD)
 
 
 def _wanted_devices(cfg: RunConfig) -> int:
@@ -430,28 +420,21 @@ def run(cfg: RunConfig) -> None:
         "cpu_s": time.process_time() - cpu_start,
     }
     write_json(out / "metrics.json", metrics)
-    with open(out / "losses.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["step", *metrics["run_order"]])
-        for i in range(config.steps):
-            row = [float(runs[k]["train_loss"][i]) for k in metrics["run_order"]]
-            writer.writerow([i + 1, *row])
+    write_csv(
+        out / "losses.csv",
+        ["step", *metrics["run_order"]],
+        (
+            [i + 1, *(float(runs[k]["train_loss"][i]) for k in metrics["run_order"])]
+            for i in range(config.steps)
+        ),
+    )
     print(f"{NAME}: {devices} devices, wall {wall.seconds:.1f} s", flush=True)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot(folder: Path) -> None:
     """``data_parallel.png``: loss curves of every run, and the running max of each gap."""
     m = read_json(folder / "metrics.json")
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(10, 3.6))
     styles = {"sync": "-", "masked": "--", "local": ":"}  # by the label's first word
     for label in m["run_order"]:
