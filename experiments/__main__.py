@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot-only", action="store_true", help="re-plot from metric files")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     unknown = [n for n in args.names if n not in reg]
     if unknown:
         parser.error(f"unknown experiment(s) {unknown}; choose from {list(reg)}")
