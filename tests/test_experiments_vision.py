@@ -140,6 +140,13 @@ def test_plot_only_rebuilds_figures_from_metrics(quick_out: Path) -> None:
     assert png.is_file()
 
 
+@pytest.mark.parametrize("seeds", ["0", "-2"])
+def test_seeds_below_one_are_refused(tmp_path: Path, capsys, seeds: str) -> None:
+    with pytest.raises(SystemExit):
+        main(["init_sweep", "--plot-only", "--seeds", seeds, "--out", str(tmp_path)])
+    assert f"--seeds must be >= 1, got {seeds}" in capsys.readouterr().err
+
+
 def test_data_dir_reaches_the_loader(tmp_path: Path) -> None:
     """``--data-dir`` (RunConfig.data_dir) makes the experiments read IDX files from there."""
     rng = np.random.default_rng(0)
