@@ -176,6 +176,43 @@ def test_batch_norm_dtypes(x_dtype, dtype, param_dtype):
         chex.assert_trees_all_close(updates, updates_ref, **TOL)
 
 
+@pytest.mark.parametrize("force_float32_reductions", [True, False])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_batch_stats_dtypes_follow_flax(param_dtype, force_float32_reductions):
+    """flax's rule for the stored statistics (float32, or param_dtype without
+    force_float32_reductions): the same tree and dtypes at init and after a training step
+    on input of param_dtype, values equal up to that dtype's rounding (jaxnorm computes
+    the batch statistics in float32 in every case)."""
+    x = _normal(30, (16, 5), param_dtype) * 2 + 1
+    kw = dict(param_dtype=param_dtype, force_float32_reductions=force_float32_reductions)
+    ours, theirs = jnn.BatchNorm(**kw), nn.BatchNorm(**kw)
+    v = _same_tree_random_values(ours, theirs, x, use_running_average=False)
+    stored = jnp.float32 if force_float32_reductions else param_dtype
+    assert {a.dtype for a in jax.tree.leaves(v["batch_stats"])} == {jnp.dtype(stored)}
+    got, want = _run_both(ours, theirs, v, x, [TRAIN, EVAL])
+    (_, updates), y_eval = got
+    (_, updates_ref), y_eval_ref = want
+    chex.assert_trees_all_equal_dtypes(updates, updates_ref)
+    tol = TOL if stored == jnp.float32 else BF16_TOL
+    chex.assert_trees_all_close(updates, updates_ref, **tol)
+    chex.assert_trees_all_close(y_eval.astype(jnp.float32), y_eval_ref.astype(jnp.float32), **tol)
+
+
+def test_batch_stats_keep_their_stored_dtype_where_flax_promotes_them():
+    """bf16 statistics (force_float32_reductions=False) and float32 input: flax's update
+    turns batch_stats into float32; jaxnorm keeps the stored bf16 (a deliberate
+    difference: a carried state keeps its dtype), with flax's values rounded to bf16."""
+    x = _normal(31, (16, 5)) * 2 + 1
+    kw = dict(param_dtype=jnp.bfloat16, force_float32_reductions=False)
+    ours, theirs = jnn.BatchNorm(**kw), nn.BatchNorm(**kw)
+    v = _same_tree_random_values(ours, theirs, x, use_running_average=False)
+    ((_, updates),), ((_, updates_ref),) = _run_both(ours, theirs, v, x, [TRAIN])
+    assert {a.dtype for a in jax.tree.leaves(updates)} == {jnp.dtype(jnp.bfloat16)}
+    assert {a.dtype for a in jax.tree.leaves(updates_ref)} == {jnp.dtype(jnp.float32)}
+    want = jax.tree.map(lambda a: a.astype(jnp.bfloat16), updates_ref)
+    chex.assert_trees_all_close(updates, want, atol=1e-2, rtol=1e-2)
+
+
 def test_batch_norm_init_keeps_fresh_statistics_and_takes_one_example():
     kw = dict(use_running_average=False)
     x1, x9 = _normal(5, (1, 7)), _normal(6, (9, 7))  # (1, 7): one value per feature

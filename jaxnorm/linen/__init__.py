@@ -12,9 +12,11 @@ What differs from flax, on purpose:
 * Statistics are exact: masks and uneven device shards give the statistics of the
   global batch (flax averages per-device means), variance is computed by a method
   that survives large means, and a step whose mask selects nothing leaves the
-  running statistics unchanged (flax writes NaN). ``use_fast_variance`` and
-  ``force_float32_reductions`` are accepted for compatibility and ignored:
-  statistics are always accumulated in at least float32 by the robust method.
+  running statistics unchanged (flax writes NaN). Statistics are always
+  accumulated in at least float32 by the robust method: ``use_fast_variance`` is
+  accepted and ignored, and ``force_float32_reductions=False`` only changes what it
+  changes in flax's variable tree (``BatchNorm`` stores ``batch_stats`` in
+  ``param_dtype``).
 * The output dtype is ``dtype`` if given, else the input's dtype (flax promotes
   a bfloat16 input with float32 parameters to a float32 output; we keep bfloat16).
 * ``BatchNorm`` takes ``momentum=None`` (torch's cumulative average),

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from jaxnorm._layer_calls import BatchNormCall
 from jaxnorm.linen._base import _BatchNormBase
+from jaxnorm.state import BatchStats, init_batch_stats
 
 
 class BatchNorm(BatchNormCall, _BatchNormBase):
@@ -22,9 +24,12 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
     our ``0.9``). In evaluation the running statistics are used. All of it is
     :func:`jaxnorm.batch_norm`.
 
-    Variables: ``params/{scale, bias}`` and ``batch_stats/{mean, var}`` (float32),
-    each of the feature shape, exactly as flax; plus ``batch_stats/count`` (int32
-    scalar) only when ``momentum is None`` or ``track_count=True``. As in flax,
+    Variables: ``params/{scale, bias}`` and ``batch_stats/{mean, var}``, each of the
+    feature shape, exactly as flax, dtypes included: the statistics are stored in
+    float32, or in ``param_dtype`` with ``force_float32_reductions=False`` (they are
+    computed in float32 either way and rounded to the stored dtype); plus
+    ``batch_stats/count`` (int32 scalar) only when ``momentum is None`` or
+    ``track_count=True``. As in flax,
     ``init`` does not update the running statistics and ignores ``axis_name``.
 
     Differences from flax: exact statistics under masks and device shards (flax
@@ -50,8 +55,8 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
       axis_index_groups: device groups for the cross-device reduction.
       use_fast_variance: accepted for compatibility and ignored: the core's variance
         stays correct for large means either way.
-      force_float32_reductions: accepted for compatibility and ignored (statistics
-        are always at least float32, and ``batch_stats`` are always float32).
+      force_float32_reductions: ``False`` stores ``batch_stats`` in ``param_dtype``, as
+        flax. Unlike flax, the batch statistics are still computed in float32.
       unbiased_running_var: store the Bessel-corrected batch variance in the running
         average (torch's convention); the batch itself uses the biased variance.
       track_count: keep ``batch_stats/count`` even with a numeric ``momentum``.
@@ -74,6 +79,12 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
     unbiased_running_var: bool = False
     track_count: bool = False
     skip_nonfinite: bool = False
+
+    @nn.nowrap
+    def _fresh_stats(self, feature_shape: tuple[int, ...]) -> BatchStats:
+        """flax's dtype rule: float32, or ``param_dtype`` without ``force_float32_reductions``."""
+        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        return init_batch_stats(feature_shape, dtype)
 
     @nn.nowrap
     def _tracks_count(self) -> bool:

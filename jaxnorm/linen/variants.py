@@ -312,12 +312,13 @@ class FrozenBatchNorm(FrozenBatchNormCall, _Layer):
           x: floating input.
           use_running_average: ignored: the stored statistics are used in every mode, and
             ``batch_stats`` is never written (no ``mutable`` needed).
-          mask: ignored (no statistics are computed).
+          mask: optional boolean array broadcastable to ``x``; padding (``False``, which
+            may hold NaN) passes no gradient to ``scale``/``bias``.
 
         Returns:
           The normalized ``x``, of dtype ``self.dtype or x.dtype``.
         """
-        del use_running_average, mask
+        del use_running_average
         if not self.is_initializing() and not self.has_variable("batch_stats", "mean"):
             raise ValueError(
                 f"{self._where()}: needs the frozen statistics, but the variables hold no "
@@ -328,5 +329,5 @@ class FrozenBatchNorm(FrozenBatchNormCall, _Layer):
         _, stats = self._batch_stats(init_batch_stats(feature_shape), ("mean", "var"))
         scale, bias = self._params(feature_shape)
         with self._errors():
-            y, _ = self._normalize(x, stats, scale, bias, mask=None, dtype=self.dtype)
+            y, _ = self._normalize(x, stats, scale, bias, mask=mask, dtype=self.dtype)
         return y
