@@ -505,8 +505,12 @@ def test_ghost_batch_norm_edge_cases():
         ghost_batch_norm(
             x, jaxnorm.init_batch_stats(6), virtual_batch_size=2, training=True, axis=0
         )
+    # One value per feature in a virtual batch: flax's rule (variance 0, so y = bias),
+    # refused only under torch's unbiased running variance, where n/(n-1) is undefined.
+    y, _ = ghost_batch_norm(x, stats, scale, bias, virtual_batch_size=1, training=True)
+    np.testing.assert_allclose(np.asarray(y), np.broadcast_to(bias, x.shape), atol=1e-6)
     with pytest.raises(ValueError, match="more than one value per feature"):
-        ghost_batch_norm(x, stats, virtual_batch_size=1, training=True)
+        ghost_batch_norm(x, stats, virtual_batch_size=1, training=True, unbiased_running_var=True)
 
 
 def test_ghost_batch_norm_merges_running_stats_across_devices():
