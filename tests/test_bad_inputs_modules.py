@@ -93,11 +93,13 @@ CASES = [
         ValueError,
         [LINEN_BN, "x has shape (0, 3)", "no elements"],
     ),
-    (
-        "linen_bn_one_value_per_feature_in_training",
-        lambda: linen_train(train_bn(), jnp.ones((1, 3)), train_bn().init(KEY, X)),
+    (  # torch's refusal, kept only with torch's unbiased running variance (else flax's y = bias)
+        "linen_bn_one_value_per_feature_with_unbiased_running_var",
+        lambda: linen_train(
+            train_bn(unbiased_running_var=True), jnp.ones((1, 3)), train_bn().init(KEY, X)
+        ),
         ValueError,
-        [LINEN_BN, "more than one value per feature", "x (1, 3)"],
+        [LINEN_BN, "unbiased_running_var=True", "more than one value per feature", "x (1, 3)"],
     ),
     (
         "linen_bn_stats_from_another_layer",
@@ -292,10 +294,10 @@ CASES = [
         ["jaxnorm.nnx.BatchNorm", "epsilon must be >= 0"],
     ),
     (
-        "nnx_bn_one_value_per_feature_in_training",
-        lambda: nnx_bn()(jnp.ones((1, 3))),
+        "nnx_bn_one_value_per_feature_with_unbiased_running_var",
+        lambda: nnx_bn(unbiased_running_var=True)(jnp.ones((1, 3))),
         ValueError,
-        ["jaxnorm.nnx.BatchNorm", "more than one value per feature"],
+        ["jaxnorm.nnx.BatchNorm", "unbiased_running_var=True", "more than one value per feature"],
     ),
     (
         "nnx_bn_axis_out_of_range",

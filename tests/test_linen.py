@@ -231,6 +231,27 @@ def test_batch_norm_init_keeps_fresh_statistics_and_takes_one_example():
     chex.assert_trees_all_equal(got_1, got_9, want_1, want_9, fresh)
 
 
+@pytest.mark.parametrize(
+    "shape, axis", [((1, 7), -1), ((1, 3, 1, 1), 1)], ids=["(1,C)", "(1,C,1,1)-axis1"]
+)
+def test_batch_norm_one_value_per_feature_in_training_follows_flax(shape, axis):
+    """One value per feature in training (one example): variance 0, so y = bias, and the
+    running statistics are updated, as flax (torch refuses; jaxnorm only with
+    unbiased_running_var). Also init on one example: same output and variables."""
+    x = _normal(32, shape) * 3 + 1
+    ours, theirs = jnn.BatchNorm(axis=axis, momentum=0.8), nn.BatchNorm(axis=axis, momentum=0.8)
+    v = _same_tree_random_values(ours, theirs, x, use_running_average=False)
+    got, want = _run_both(ours, theirs, v, x, [TRAIN])
+    chex.assert_trees_all_close(got, want, **TOL)
+    init = jax.jit(
+        lambda x: [
+            m.init_with_output(jax.random.key(0), x, use_running_average=False)
+            for m in (ours, theirs)
+        ]
+    )
+    chex.assert_trees_all_close(*init(x), **TOL)
+
+
 def test_batch_norm_without_scale_and_bias():
     x = _normal(7, (10, 4))
     kw = dict(use_bias=False, use_scale=False)

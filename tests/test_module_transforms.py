@@ -166,6 +166,43 @@ def test_nnx_vmap_with_axis_name_equals_global_batch_norm():
     chex.assert_trees_all_close(nnx.state(bn), nnx.state(flat), **TOL)
 
 
+def test_nnx_vmap_per_example_batch_norm_follows_flax():
+    """A stack of Linear -> BatchNorm blocks, one per example, under nnx.vmap: each
+    BatchNorm trains on a single value per feature (y = bias, statistics updated), as
+    flax.nnx's own BatchNorm does in the same program."""
+
+    class Block(nnx.Module):
+        def __init__(self, norm: type, rngs: nnx.Rngs):
+            self.linear = nnx.Linear(3, 3, rngs=rngs)
+            self.bn = norm(3, use_running_average=False, momentum=0.8, rngs=rngs)
+
+        def __call__(self, x):
+            return self.bn(self.linear(x))
+
+    def stack(norm: type) -> Block:
+        @nnx.split_rngs(splits=4)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs: nnx.Rngs) -> Block:
+            return Block(norm, rngs)
+
+        return create(nnx.Rngs(0))
+
+    ours, theirs = stack(jnnx.BatchNorm), stack(nnx.BatchNorm)
+    theirs.bn.mean[...] = _normal(8, (4, 3)) * 0.2
+    theirs.bn.bias[...] = _normal(9, (4, 3)) * 0.2
+    nnx.update(ours, nnx.clone(nnx.state(theirs)))
+    x = _normal(10, (4, 3))
+
+    @nnx.jit
+    def both(ours, theirs, x):
+        forward = nnx.vmap(lambda block, x: block(x), in_axes=(0, 0), out_axes=0)
+        return forward(ours, x), forward(theirs, x)
+
+    y, y_ref = both(ours, theirs, x)
+    chex.assert_trees_all_close(y, y_ref, **TOL)
+    chex.assert_trees_all_close(nnx.state(ours), nnx.state(theirs), **TOL)
+
+
 class NNXBlock(nnx.Module):
     def __init__(self, rngs: nnx.Rngs):
         self.linear = nnx.Linear(4, 4, rngs=rngs)

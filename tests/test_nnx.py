@@ -147,6 +147,15 @@ def test_batch_norm_agrees_with_flax_nnx(shape, axis, masked, dtype):
     chex.assert_trees_all_close(_stats(ours), _stats(theirs), **TOL)
 
 
+def test_batch_norm_one_value_per_feature_in_training_follows_flax_nnx():
+    """(1, C) in training: y = bias and the statistics are updated, as flax."""
+    x = _normal(13, (1, 6)) * 3 + 1
+    ours, theirs = _pair(jnnx.BatchNorm, nnx.BatchNorm, 6, momentum=0.8)
+    got, want = _run_both(lambda m, x: m(x, use_running_average=False), ours, theirs, x)
+    chex.assert_trees_all_close(got, want, **TOL)
+    chex.assert_trees_all_close(_stats(ours), _stats(theirs), **TOL)
+
+
 def test_batch_norm_agrees_with_jaxnorm_linen():
     """Same numbers as the linen module on the same values, over two steps and an eval."""
     x = _normal(2, (8, 5))

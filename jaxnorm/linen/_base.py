@@ -250,9 +250,9 @@ class _BatchNormBase(_Layer):
     def _init_trains(self, x: jax.Array, feature_shape: tuple[int, ...]) -> bool:
         """Whether ``init``, asked to train, normalizes with batch statistics.
 
-        flax's ``init`` does; a one-example init batch then has one value per feature,
-        which the core refuses in training, so such an ``init`` uses the fresh
-        statistics instead (init stores nothing either way).
+        flax's ``init`` does. Where the functional call refuses a batch with one value
+        per feature (here: always), such an ``init`` batch, e.g. one example, uses the
+        fresh statistics instead (init stores nothing either way).
         """
         return math.prod(x.shape) > math.prod(feature_shape)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxnorm._layer_calls import BatchNormCall
@@ -58,7 +59,10 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
       force_float32_reductions: ``False`` stores ``batch_stats`` in ``param_dtype``, as
         flax. Unlike flax, the batch statistics are still computed in float32.
       unbiased_running_var: store the Bessel-corrected batch variance in the running
-        average (torch's convention); the batch itself uses the biased variance.
+        average (torch's convention); the batch itself uses the biased variance. A
+        training batch with one value per feature (one example) is then refused, as
+        torch does; by default it has variance 0 (``y = bias``) and updates the
+        statistics, as flax.
       track_count: keep ``batch_stats/count`` even with a numeric ``momentum``.
       skip_nonfinite: leave the running statistics of a feature whose batch statistics
         are NaN/Inf unchanged (NaN/Inf still propagate to the output).
@@ -85,6 +89,12 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
         """flax's dtype rule: float32, or ``param_dtype`` without ``force_float32_reductions``."""
         dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         return init_batch_stats(feature_shape, dtype)
+
+    @nn.nowrap
+    def _init_trains(self, x: jax.Array, feature_shape: tuple[int, ...]) -> bool:
+        """As flax: one value per feature is a batch (variance 0, ``y = bias``), except
+        under torch's ``unbiased_running_var``, which refuses it."""
+        return not self.unbiased_running_var or super()._init_trains(x, feature_shape)
 
     @nn.nowrap
     def _tracks_count(self) -> bool:

@@ -53,7 +53,9 @@ class BatchNorm(BatchNormCall, _BatchNormBase):
         stays correct for large means either way.
       promote_dtype: as flax, applied to ``(x, mean, var, scale, bias)`` and ``dtype`` first.
       unbiased_running_var: store the Bessel-corrected batch variance in the running
-        average (torch's convention).
+        average (torch's convention), refusing a training batch with one value per
+        feature as torch does; by default such a batch (e.g. one example under
+        ``nnx.vmap``) has variance 0 (``y = bias``) and updates the statistics, as flax.
       track_count: keep the ``count`` BatchStat even with a numeric ``momentum``.
       skip_nonfinite: leave the running statistics of a feature whose batch statistics
         are NaN/Inf unchanged (NaN/Inf still propagate to the output).
