@@ -32,7 +32,7 @@ from experiments.common import (
     Timer,
     read_json,
     write_csv_dicts,
-    write_json,
+    write_metrics,
 )
 from experiments.data_text import CharSplits, load_char_splits
 from experiments.lm_training import (
@@ -265,7 +265,7 @@ def run(run_cfg: RunConfig) -> None:
             **{f"train_{k}": v["train_seconds"] for k, v in variants.items()},
         },
     }
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     rows = []
     for norm, v in variants.items():
         for s in seeds:

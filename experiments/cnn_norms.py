@@ -28,7 +28,7 @@ from experiments.common import (
     progress,
     read_json,
     write_csv,
-    write_json,
+    write_metrics,
 )
 from experiments.data_images import (
     FASHION_MNIST_DIR,
@@ -210,7 +210,7 @@ def run(cfg: RunConfig) -> None:
         "wall_s": wall.seconds,
         "cpu_s": time.process_time() - cpu_start,  # user + system, all threads
     }
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     rows = []
     for ds, r in datasets.items():
         for norm in NORMS:

@@ -1,8 +1,9 @@
 """What every experiment shares: run options, the registry entry, metric files, progress bars.
 
 Data flows one way: an experiment's ``run`` trains and writes metric files
-(``<out_dir>/<name>/metrics.json``, plus CSV where tables help); its ``plot`` reads only
-those files and writes PNGs beside them; its ``report`` reads only those files and returns
+(``<out_dir>/<name>/metrics.json`` through `write_metrics`, which adds the git commit, package
+versions and machine; plus CSV where tables help); its ``plot`` reads only those files and
+writes PNGs beside them; its ``report`` reads only those files and returns
 a markdown section (the lesson's claim, what we measured, the verdict, and the command that
 regenerates each figure). ``python -m experiments`` assembles the sections into
 ``<out_dir>/REPORT.md``.
@@ -11,9 +12,13 @@ regenerates each figure). ``python -m experiments`` assembles the sections into
 from __future__ import annotations
 
 import csv
+import datetime
+import importlib.metadata
 import json
 import math
 import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -85,6 +90,69 @@ def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(_clean(obj), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+PROVENANCE_PACKAGES = ("jax", "jaxlib", "flax", "numpy", "optax")  # versions in every metrics file
+
+
+def _git(*args: str) -> str | None:
+    """Output of a git command in this repository, or None (no git, not a checkout, an error)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """Where a run's numbers came from: the code's git commit, package versions, the machine.
+
+    ``git_dirty`` is True when tracked files differed from that commit (the numbers may then
+    come from uncommitted code); git fields are None outside a git checkout. A package that is
+    not installed has version None.
+    """
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    packages = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "packages": packages,
+        "python": platform.python_version(),
+        "machine": {
+            "platform": platform.platform(),
+            "architecture": platform.machine(),
+            "cpu_count": os.cpu_count(),
+        },
+        "written_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_metrics(folder: Path, metrics: dict[str, Any]) -> Path:
+    """Write ``folder/metrics.json``: ``metrics`` plus a ``"provenance"`` entry (`provenance`).
+
+    Every experiment's run writes its metrics through here, so each file says which commit,
+    which package versions and which machine produced it. Figures and reports ignore the entry.
+
+    Returns:
+        The path written.
+    """
+    if "provenance" in metrics:
+        raise ValueError(
+            "write_metrics: metrics already hold a 'provenance' entry; the writer adds it, "
+            "so rename the experiment's own key"
+        )
+    path = Path(folder) / "metrics.json"
+    write_json(path, {**metrics, "provenance": provenance()})
+    return path
 
 
 def read_json(path: Path) -> Any:

@@ -29,7 +29,7 @@ from experiments.common import (
     read_json,
     to_lists,
     write_csv,
-    write_json,
+    write_metrics,
 )
 from experiments.data_images import (
     MNIST_MEAN,
@@ -134,7 +134,7 @@ def run(cfg: RunConfig) -> None:
         "cpu_s": time.process_time() - cpu_start,  # user + system, all threads
         "devices": [str(d) for d in jax.devices()],
     }
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     rows = []
     for i, std in enumerate(metrics["stds"]):
         p, b = metrics["plain"], metrics["bn"]

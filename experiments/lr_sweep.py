@@ -27,7 +27,7 @@ from experiments.common import (
     Timer,
     read_json,
     write_csv,
-    write_json,
+    write_metrics,
 )
 from experiments.data_images import (
     MNIST_MEAN,
@@ -157,7 +157,7 @@ def run(cfg: RunConfig) -> None:
                     [name, lr, s, mm["train_acc"][s][j], mm["eval_acc"][s][j]]
                     + [mm["train_loss"][s][j], mm["diverged"][s][j]]
                 )
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     write_csv(
         out / "runs.csv",
         ["variant", "lr", "seed", "train_acc", "eval_acc", "final_epoch_train_loss", "diverged"],

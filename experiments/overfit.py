@@ -27,7 +27,7 @@ from experiments.common import (
     read_json,
     to_lists,
     write_csv,
-    write_json,
+    write_metrics,
 )
 from experiments.data_images import (
     MNIST_MEAN,
@@ -159,7 +159,7 @@ def run(cfg: RunConfig) -> None:
         for s in range(config.seeds):
             tr, ev = r["train_acc"][s][-1], r["eval_acc"][s][-1]
             rows.append([name, s, tr, ev, tr - ev, r["diverged"][s]])
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     write_csv(
         out / "final.csv", ["variant", "seed", "train_acc", "eval_acc", "gap", "diverged"], rows
     )

@@ -34,7 +34,7 @@ from experiments.common import (
     progress,
     read_json,
     write_csv_dicts,
-    write_json,
+    write_metrics,
 )
 from experiments.data_text import VerseData, load_verse_splits
 from experiments.models_language import NORM_COLORS, NORM_LABELS, NormKind, TransformerClassifier
@@ -378,7 +378,7 @@ def run(run_cfg: RunConfig) -> None:
             **{f"train_{k}": v["train_seconds"] for k, v in variants.items()},
         },
     }
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     rows = []
     for norm, v in variants.items():
         for s in seeds:

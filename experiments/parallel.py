@@ -66,7 +66,7 @@ from experiments.common import (
     progress,
     read_json,
     write_csv,
-    write_json,
+    write_metrics,
 )
 from experiments.data_images import MNIST_MEAN, MNIST_STD, subset
 from experiments.models_vision import ArrayData, flat_arrays
@@ -419,7 +419,7 @@ def run(cfg: RunConfig) -> None:
         "wall_s": wall.seconds,
         "cpu_s": time.process_time() - cpu_start,
     }
-    write_json(out / "metrics.json", metrics)
+    write_metrics(out, metrics)
     write_csv(
         out / "losses.csv",
         ["step", *metrics["run_order"]],

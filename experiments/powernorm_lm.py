@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 import jaxnorm.variants_linen as vnn
-from experiments.common import Experiment, RunConfig, progress, read_json, write_csv, write_json
+from experiments.common import Experiment, RunConfig, progress, read_json, write_csv, write_metrics
 from experiments.data_text import load_char_splits
 from experiments.lm_training import nats_to_bpc
 from experiments.models_language import (
@@ -295,7 +295,7 @@ def run(run_cfg: RunConfig, config: PowerNormLMConfig | None = None) -> dict[str
         "cpu_s": cpu_s,
         "devices": [str(d) for d in jax.devices()],
     }
-    write_json(folder / "metrics.json", metrics)
+    write_metrics(folder, metrics)
     rows = []
     for norm in c.norms:
         r = results[norm]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.common import Experiment, RunConfig, progress, read_json, write_csv, write_json
+from experiments.common import Experiment, RunConfig, progress, read_json, write_csv, write_metrics
 from experiments.data_images import normalize_images, subset
 from experiments.models_vision import NormMLP
 from experiments.plotting import pyplot
@@ -301,7 +301,7 @@ def run(run_cfg: RunConfig, config: SmallBatchConfig | None = None) -> dict[str,
         "cpu_s": cpu_s,
         "devices": [str(d) for d in jax.devices()],
     }
-    write_json(folder / "metrics.json", metrics)
+    write_metrics(folder, metrics)
     rows = []
     for name in metrics["arms"]:
         r = results[name]

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import importlib.metadata
 import math
+import os
+import platform
+import re
+import subprocess
 from pathlib import Path
 
 import jax
@@ -22,7 +27,7 @@ import pytest
 from experiments import cnn_norms, init_sweep, lr_sweep, overfit
 from experiments import models_vision as mv
 from experiments.__main__ import main
-from experiments.common import RunConfig, read_json
+from experiments.common import RunConfig, read_json, write_metrics
 
 NAMES = ("init_sweep", "lr_sweep", "overfit", "cnn_norms")
 EXPERIMENTS = [e for m in (init_sweep, lr_sweep, overfit, cnn_norms) for e in m.EXPERIMENTS]
@@ -60,6 +65,34 @@ def test_outputs_exist_and_report_states_claim(quick_out: Path, name: str) -> No
     assert f"python -m experiments {name}" in section
     report = (quick_out / "REPORT.md").read_text(encoding="utf-8")
     assert section.splitlines()[0] in report
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_metrics_record_commit_versions_and_machine(quick_out: Path, name: str) -> None:
+    prov = read_json(quick_out / name / "metrics.json")["provenance"]
+    want = {p: importlib.metadata.version(p) for p in ("jax", "jaxlib", "flax", "numpy", "optax")}
+    assert prov["packages"] == want
+    assert prov["machine"]["cpu_count"] == os.cpu_count()
+    assert prov["machine"]["platform"] == platform.platform()
+    assert prov["python"] == platform.python_version()
+    if _git("rev-parse", "HEAD").returncode != 0:
+        pytest.skip("not a git checkout")
+    # Others may commit while the tests run: the recorded commit must be HEAD or before it.
+    assert re.fullmatch(r"[0-9a-f]{40}", prov["git_commit"])
+    assert _git("merge-base", "--is-ancestor", prov["git_commit"], "HEAD").returncode == 0
+    assert isinstance(prov["git_dirty"], bool)
+
+
+def test_write_metrics_refuses_a_provenance_key_of_its_own(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="already hold a 'provenance' entry"):
+        write_metrics(tmp_path, {"provenance": "mine"})
+    path = write_metrics(tmp_path, {"config": {"a": 1}})
+    assert read_json(path)["config"] == {"a": 1}
 
 
 def test_init_sweep_outputs(quick_out: Path) -> None:
