@@ -6,15 +6,17 @@ Both APIs keep the settings under flax's names (``self.axis``, ``self.epsilon``,
 so the call reads them the same way in both; the base passes what is decided per call
 (``training``, ``mask``, the device axis, the output ``dtype``) as keyword arguments.
 
-Batch-norm family: ``_normalize(x, stats, scale, bias, **call) -> (y, new_stats)``.
-Per-sample norms: ``_normalize(x, scale, bias, *, mask, dtype) -> y``.
+Batch-norm family: ``_normalize(x, stats, scale, bias, **call) -> (y, new_stats)``,
+``stats`` read by :func:`stats_for_input`. Per-sample norms:
+``_normalize(x, scale, bias, *, mask, dtype) -> y``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from jaxnorm.variants import (
@@ -24,6 +26,20 @@ from jaxnorm.variants import (
     power_norm,
     renorm_schedule,
 )
+
+
+def stats_for_input(stats: NamedTuple, x: jax.Array) -> NamedTuple:
+    """The stored running statistics as the functional call needs them for ``x``.
+
+    A complex ``x`` has a complex running mean: a real stored ``mean`` (as every layer
+    creates it, like flax) is handed over as complex, so the update comes back complex
+    and is stored so, as flax linen's update does (the variance stays real). Other
+    statistics pass unchanged.
+    """
+    mean = getattr(stats, "mean", None)
+    if mean is None or not jnp.iscomplexobj(x) or jnp.iscomplexobj(mean):
+        return stats
+    return stats._replace(mean=mean.astype(jnp.result_type(mean.dtype, x.dtype)))
 
 
 def _settings(layer: Any, *names: str) -> dict[str, Any]:

@@ -252,6 +252,45 @@ def test_batch_norm_one_value_per_feature_in_training_follows_flax(shape, axis):
     chex.assert_trees_all_close(*init(x), **TOL)
 
 
+def _complex_normal(seed: int, shape) -> jax.Array:
+    """Complex N(0, 1) + N(0, 1)i data off a complex offset (so the mean matters)."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(shape) + 1j * rng.standard_normal(shape) + (2.0 + 1.0j)
+    return jnp.asarray(z, jnp.complex64)
+
+
+def test_batch_norm_complex_input_agrees_with_flax_and_numpy():
+    """Complex x: complex mean, real variance of |x - mean|**2; real params; the updated
+    running mean is complex, the variance real, as flax (values and dtypes)."""
+    x = _complex_normal(33, (12, 3))
+    ours, theirs = jnn.BatchNorm(momentum=0.8), nn.BatchNorm(momentum=0.8)
+    v = _same_tree_random_values(ours, theirs, x, use_running_average=False)
+    assert {a.dtype for a in jax.tree.leaves(v)} == {jnp.dtype(jnp.float32)}  # real, as flax
+    got, want = _run_both(ours, theirs, v, x, [TRAIN])
+    ((y, updates),), ((_, updates_ref),) = got, want
+    chex.assert_trees_all_equal_dtypes(updates, updates_ref)
+    chex.assert_trees_all_close(got, want, **TOL)
+    evals = _run_both(ours, theirs, {**v, **updates}, x, [EVAL])
+    chex.assert_trees_all_close(*evals, **TOL)
+    z = np.asarray(x, np.complex128)
+    mu = z.mean(0)
+    var = (np.abs(z - mu) ** 2).mean(0)
+    scale, bias = (np.asarray(v["params"][k], np.float64) for k in ("scale", "bias"))
+    np.testing.assert_allclose(y, (z - mu) / np.sqrt(var + 1e-5) * scale + bias, atol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.2 * mu + 0.8 * np.asarray(
+        v["batch_stats"]["mean"], np.float64), atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("ours, theirs", [(jnn.LayerNorm, nn.LayerNorm), (jnn.RMSNorm, nn.RMSNorm)])
+def test_layer_and_rms_norm_complex_input_agree_with_flax(ours, theirs):
+    x = _complex_normal(34, (4, 3, 6))
+    ours, theirs = ours(), theirs()
+    v = _same_tree_random_values(ours, theirs, x)
+    got, want = _run_both(ours, theirs, v, x, [{}])
+    assert got[0].dtype == jnp.complex64
+    chex.assert_trees_all_close(got, want, **TOL)
+
+
 def test_batch_norm_without_scale_and_bias():
     x = _normal(7, (10, 4))
     kw = dict(use_bias=False, use_scale=False)

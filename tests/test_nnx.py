@@ -11,6 +11,7 @@ import inspect
 from collections.abc import Callable
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -154,6 +155,45 @@ def test_batch_norm_one_value_per_feature_in_training_follows_flax_nnx():
     got, want = _run_both(lambda m, x: m(x, use_running_average=False), ours, theirs, x)
     chex.assert_trees_all_close(got, want, **TOL)
     chex.assert_trees_all_close(_stats(ours), _stats(theirs), **TOL)
+
+
+def _complex_normal(seed: int, shape) -> jax.Array:
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal(shape) + 1j * rng.standard_normal(shape) + (2.0 + 1.0j)
+    return jnp.asarray(z, jnp.complex64)
+
+
+@pytest.mark.parametrize(
+    "ours, theirs", [(jnnx.LayerNorm, nnx.LayerNorm), (jnnx.RMSNorm, nnx.RMSNorm)]
+)
+def test_layer_and_rms_norm_complex_input_agree_with_flax_nnx(ours, theirs):
+    ours, theirs = _pair(ours, theirs, 6)
+    got, want = _run_both(lambda m, x: m(x), ours, theirs, _complex_normal(14, (4, 3, 6)))
+    assert got.dtype == jnp.complex64
+    chex.assert_trees_all_close(got, want, **TOL)
+
+
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types")  # flax.nnx's
+@pytest.mark.filterwarnings("ignore:Casting complex values to real")  # truncation, see below
+def test_batch_norm_complex_input_agrees_with_flax():
+    """Training: output and variance as flax.nnx. The running mean becomes complex, as
+    flax.linen's update makes it (flax.nnx writes it into its float32 array, dropping
+    the imaginary part with a ComplexWarning), so evaluation then matches flax.linen."""
+    x = _complex_normal(15, (12, 3))
+    ours, theirs = _pair(jnnx.BatchNorm, nnx.BatchNorm, 3, momentum=0.8)
+    stats = _stats(theirs)
+    y, y_ref = _run_both(lambda m, x: m(x, use_running_average=False), ours, theirs, x)
+    chex.assert_trees_all_close(y, y_ref, **TOL)
+    chex.assert_trees_all_close(ours.var[...], theirs.var[...], **TOL)
+    assert ours.scale[...].dtype == jnp.float32  # params stay real
+    lin = nn.BatchNorm(momentum=0.8)
+    v = {"params": {"scale": ours.scale[...], "bias": ours.bias[...]}, "batch_stats": stats}
+    y_lin, upd = lin.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    assert ours.mean[...].dtype == upd["batch_stats"]["mean"].dtype == jnp.complex64
+    chex.assert_trees_all_close(_stats(ours), upd["batch_stats"], **TOL)
+    y_eval = nnx.jit(lambda m, x: m(x, use_running_average=True))(ours, x)
+    want_eval = lin.apply({**v, **upd}, x, use_running_average=True)
+    chex.assert_trees_all_close(y_eval, want_eval, **TOL)
 
 
 def test_batch_norm_agrees_with_jaxnorm_linen():

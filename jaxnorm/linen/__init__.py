@@ -24,6 +24,9 @@ What differs from flax, on purpose:
   ``track_count``. The extra variable ``batch_stats/count`` (int32 scalar, torch's
   ``num_batches_tracked``) exists only when ``momentum is None`` or
   ``track_count=True``, so flax's ``{'mean', 'var'}`` trees load unchanged.
+* Complex inputs are normalized as flax does (complex mean, real variance of
+  ``|x - mean|**2``, real parameters; ``BatchNorm``'s running ``mean`` becomes complex
+  at its first training step, as flax's update makes it).
 * Errors name the fix: training without ``mutable=['batch_stats']``, evaluating
   before any ``batch_stats`` exist, and variables of the wrong shape (the core's
   message, prefixed with the module's path).

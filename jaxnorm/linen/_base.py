@@ -26,6 +26,7 @@ from jax.nn import initializers
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
+from jaxnorm._layer_calls import stats_for_input
 from jaxnorm.state import init_batch_stats
 
 
@@ -186,6 +187,7 @@ class _BatchNormBase(_Layer):
         training, initializing = self._mode(use_running_average, fresh._fields[0])
         names = tuple(f for f in fresh._fields if f != "count" or self._tracks_count())
         variables, stats = self._batch_stats(fresh, names)
+        stats = stats_for_input(stats, x)
         scale, bias = self._params(feature_shape)
         if initializing:  # as flax: init stores nothing and ignores axis_name
             training = training and self._init_trains(x, feature_shape)

@@ -39,6 +39,7 @@ from jaxnorm._layer_calls import (
     FrozenBatchNormCall,
     GhostBatchNormCall,
     PowerNormCall,
+    stats_for_input,
 )
 from jaxnorm.linen._base import _BatchNormBase, _Layer
 from jaxnorm.state import init_batch_stats
@@ -327,6 +328,7 @@ class FrozenBatchNorm(FrozenBatchNormCall, _Layer):
             )
         feature_shape = self._axes_shape(x, "axis")
         _, stats = self._batch_stats(init_batch_stats(feature_shape), ("mean", "var"))
+        stats = stats_for_input(stats, x)
         scale, bias = self._params(feature_shape)
         with self._errors():
             y, _ = self._normalize(x, stats, scale, bias, mask=mask, dtype=self.dtype)

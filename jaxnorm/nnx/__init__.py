@@ -28,6 +28,11 @@ called as flax calls it, on the input, the running statistics and the parameters
 statistics are read as stored, at least float32), and only the output dtype keeps the
 rule above.
 
+Complex inputs are normalized as flax does (complex mean, real variance of
+``|x - mean|**2``, real parameters). A BatchNorm's running ``mean`` becomes complex at
+its first training step on complex input, as in flax linen (flax NNX writes the
+complex mean into its float32 array, dropping the imaginary part).
+
 For features spread over several axes (e.g. ``feature_axes=(-2, -1)``) the
 variables are flat, ``(num_features,)`` with ``num_features`` the product of the
 feature sizes, as in flax NNX; they are reshaped to the feature shape for the core.

@@ -28,6 +28,7 @@ from flax.typing import Dtype, Initializer
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
+from jaxnorm._layer_calls import stats_for_input
 from jaxnorm.state import BatchStats
 
 _NO_METADATA: Mapping[str, Any] = MappingProxyType({})
@@ -178,7 +179,7 @@ class _PerSampleNorm(_Layer):
         """Normalize ``x`` per sample (see the class docstring for the axes).
 
         Args:
-          x: floating input.
+          x: floating (or complex) input.
           mask: optional boolean array broadcastable to ``x``; ``False`` elements do
             not enter the statistics.
 
@@ -233,11 +234,20 @@ class _StatsLayer(_Layer):
         return tuple(_value(getattr(self, f)) for f in fields)
 
     def _store(self, new: NamedTuple) -> None:
-        """Write new statistics back (flat); ``None`` values and absent variables are skipped."""
+        """Write new statistics back (flat); absent variables are skipped.
+
+        A value of another dtype replaces the variable's (a complex mean for complex
+        input, which writing into the real array would truncate, as flax NNX does).
+        """
         for name, value in zip(new._fields, new, strict=True):
             variable = getattr(self, name)
-            if variable is not None and value is not None:
-                variable[...] = jnp.reshape(value, variable.shape)
+            if variable is None:
+                continue
+            value = jnp.reshape(value, variable.shape)
+            if value.dtype == variable.dtype:
+                variable[...] = value
+            else:
+                variable.set_value(value)
 
 
 class _BatchNormBase(_StatsLayer):
@@ -257,7 +267,7 @@ class _BatchNormBase(_StatsLayer):
         """Normalize ``x``; in training mode also update the running statistics.
 
         Args:
-          x: floating input.
+          x: floating (or complex) input.
           use_running_average: overrides the attribute for this call when not ``None``.
           mask: optional boolean array broadcastable to ``x``; ``False`` elements do
             not enter the statistics.
@@ -271,7 +281,7 @@ class _BatchNormBase(_StatsLayer):
         """
         training = self._training(use_running_average)
         feature_shape = _feature_shape(self, "axis", self.axis, x)
-        stats = self._stats(feature_shape)
+        stats = stats_for_input(self._stats(feature_shape), x)
         x, scale, bias, dtype = self._inputs(x, feature_shape, *self._stat_arrays())
         with _errors_at(self):
             y, new = self._normalize(

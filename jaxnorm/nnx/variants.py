@@ -37,6 +37,7 @@ from jaxnorm._layer_calls import (
     FrozenBatchNormCall,
     GhostBatchNormCall,
     PowerNormCall,
+    stats_for_input,
 )
 from jaxnorm.nnx._base import (
     _NO_METADATA,
@@ -373,7 +374,7 @@ class FrozenBatchNorm(FrozenBatchNormCall, _StatsLayer):
         """
         del use_running_average
         feature_shape = _feature_shape(self, "axis", self.axis, x)
-        stats = self._stats(feature_shape)
+        stats = stats_for_input(self._stats(feature_shape), x)
         x, scale, bias, dtype = self._inputs(x, feature_shape, *self._stat_arrays())
         with _errors_at(self):
             y, _ = self._normalize(x, stats, scale, bias, mask=mask, dtype=dtype)
