@@ -1,0 +1,22 @@
+"""Normalization functions: the only place in jaxnorm with normalization math.
+
+Every function here is pure and jit-friendly. Statistics come from
+:mod:`jaxnorm.stats` in ``promote(x.dtype, float32)``; the output has ``x``'s dtype
+unless ``dtype`` says otherwise. All arguments are validated at trace time.
+
+Axis conventions:
+
+* ``batch_norm``: ``axis`` names the *feature* axes, which are kept; every other
+  axis is reduced (flax's ``axis``; torch's channel axis 1 is ``axis=1``).
+* ``layer_norm`` / ``rms_norm``: ``axis`` names the *reduced* axes (default the
+  last); ``feature_axis`` names the axes that carry ``scale``/``bias`` (default
+  the same). torch's ``normalized_shape`` of ``k`` dims is ``axis=(-k, ..., -1)``.
+* ``group_norm`` / ``instance_norm``: ``axis`` names the channel axis (flax: -1,
+  torch: 1); axis 0 is the batch axis.
+"""
+
+from jaxnorm.functional._core import mask_safe
+from jaxnorm.functional.batch import batch_norm
+from jaxnorm.functional.per_sample import group_norm, instance_norm, layer_norm, rms_norm
+
+__all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "mask_safe"]
