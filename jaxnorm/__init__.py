@@ -13,6 +13,8 @@ statistics, precise BN, folding) in :mod:`jaxnorm.tools`; checkpoints in
 
 from jaxnorm import tools, variants
 from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from jaxnorm.functional.dyt import dyt
+from jaxnorm.functional.qk import qk_norm
 from jaxnorm.state import BatchStats, init_batch_stats, update_batch_stats
 from jaxnorm.stats import Moments, mean_square, merge_moments, moments, psum_moments
 from jaxnorm.variants import (
@@ -34,6 +36,7 @@ __all__ = [
     "PowerNormStats",
     "batch_norm",
     "batch_renorm",
+    "dyt",
     "frozen_batch_norm",
     "ghost_batch_norm",
     "group_norm",
@@ -46,6 +49,7 @@ __all__ = [
     "moments",
     "power_norm",
     "psum_moments",
+    "qk_norm",
     "renorm_schedule",
     "rms_norm",
     "tools",

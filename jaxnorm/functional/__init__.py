@@ -17,6 +17,17 @@ Axis conventions:
 
 from jaxnorm.functional._core import mask_safe
 from jaxnorm.functional.batch import batch_norm
+from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.per_sample import group_norm, instance_norm, layer_norm, rms_norm
+from jaxnorm.functional.qk import qk_norm
 
-__all__ = ["batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm", "mask_safe"]
+__all__ = [
+    "batch_norm",
+    "layer_norm",
+    "rms_norm",
+    "group_norm",
+    "instance_norm",
+    "mask_safe",
+    "qk_norm",
+    "dyt",
+]
