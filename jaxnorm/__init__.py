@@ -13,6 +13,7 @@ statistics, precise BN, folding) in :mod:`jaxnorm.tools`; checkpoints in
 
 from jaxnorm import tools, variants
 from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from jaxnorm.functional.adaptive import ada_layer_norm, conditional_batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.qk import qk_norm
 from jaxnorm.state import BatchStats, init_batch_stats, update_batch_stats
@@ -34,8 +35,10 @@ __all__ = [
     "BatchStats",
     "Moments",
     "PowerNormStats",
+    "ada_layer_norm",
     "batch_norm",
     "batch_renorm",
+    "conditional_batch_norm",
     "dyt",
     "frozen_batch_norm",
     "ghost_batch_norm",

@@ -16,6 +16,7 @@ Axis conventions:
 """
 
 from jaxnorm.functional._core import mask_safe
+from jaxnorm.functional.adaptive import ada_layer_norm, conditional_batch_norm
 from jaxnorm.functional.batch import batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.per_sample import group_norm, instance_norm, layer_norm, rms_norm
@@ -30,4 +31,6 @@ __all__ = [
     "mask_safe",
     "qk_norm",
     "dyt",
+    "ada_layer_norm",
+    "conditional_batch_norm",
 ]
