@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from jaxnorm.functional.adaptive import conditional_batch_norm
+from jaxnorm.functional.dyt import dyt
+from jaxnorm.functional.qk import qk_norm
 from jaxnorm.variants import (
     batch_renorm,
     frozen_batch_norm,
@@ -156,4 +159,43 @@ class InstanceNormCall:
             mask=mask,
             dtype=dtype,
             **_devices(self),
+        )
+
+
+class ConditionalBatchNormCall:
+    """:func:`jaxnorm.conditional_batch_norm`: ``scale``/``bias`` are the class tables."""
+
+    def _normalize(self, x, stats, scale, bias, *, labels, **call: Any):
+        own = _settings(self, "unbiased_running_var", "skip_nonfinite")
+        return conditional_batch_norm(
+            x, stats, labels, scale, bias, **_settings(self, *_BN), **own, **call
+        )
+
+
+class DyTCall:
+    """:func:`jaxnorm.dyt` with the layer's ``alpha`` (``self._alpha()``, per API).
+
+    DyT has no statistics, so a ``mask`` has nothing to exclude: it is accepted (DyT
+    stands in for a norm that takes one) and ignored.
+    """
+
+    def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
+        del mask
+        return dyt(x, self._alpha(), scale, bias, feature_axis=self.feature_axes, dtype=dtype)
+
+
+class QKNormCall:
+    """:func:`jaxnorm.qk_norm`; parameters the layer does not use are ``None``."""
+
+    def _normalize_qk(self, q, k, q_scale, k_scale, q_bias, k_bias, *, dtype):
+        return qk_norm(
+            q,
+            k,
+            q_scale,
+            k_scale,
+            kind=self.kind,
+            epsilon=self.epsilon,
+            q_bias=q_bias,
+            k_bias=k_bias,
+            dtype=dtype,
         )

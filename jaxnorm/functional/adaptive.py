@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,64 @@ def _per_example(fn: str, name: str, value: Any, x_shape: tuple[int, ...]) -> ja
             f"(N, C) or broadcastable {name}."
         )
     return jnp.asarray(value)
+
+
+class Modulation(NamedTuple):
+    """One adaLN modulation: what a conditioning vector sets for one normalized branch."""
+
+    shift: jax.Array  # shape=(N, C): the additive term of ada_layer_norm
+    scale: jax.Array  # shape=(N, C): the multiplicative term, applied as (1 + scale)
+    gate: jax.Array | None  # shape=(N, C) or None: the residual gate, x + gate * branch(...)
+
+
+def split_modulation(
+    h: jax.Array, *, num_modulations: int, use_gate: bool = True
+) -> tuple[Modulation, ...]:
+    """Split a ``(N, num_modulations * k * C)`` projection into :class:`Modulation` s.
+
+    ``k`` is 3 (shift, scale, gate) with ``use_gate``, else 2 (shift, scale), in DiT's
+    order: ``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp =
+    adaLN_modulation(c).chunk(6, dim=1)`` is ``split_modulation(h, num_modulations=2)``
+    and the final layer's ``shift, scale = ....chunk(2, dim=1)`` is
+    ``split_modulation(h, num_modulations=1, use_gate=False)``.
+
+    Args:
+      h: the projected conditioning, ``(..., num_modulations * k * C)``.
+      num_modulations: how many normalized branches it modulates (>= 1).
+      use_gate: whether each modulation carries a gate.
+
+    Returns:
+      ``num_modulations`` :class:`Modulation` s of shape ``(..., C)`` each
+      (``gate=None`` without ``use_gate``).
+
+    Raises:
+      ValueError: a last axis that does not split into that many equal chunks.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxnorm.functional.adaptive import split_modulation
+      >>> (m,) = split_modulation(jnp.arange(6.0)[None], num_modulations=1)
+      >>> m.shift.tolist(), m.scale.tolist(), m.gate.tolist()
+      ([[0.0, 1.0]], [[2.0, 3.0]], [[4.0, 5.0]])
+    """
+    k = 3 if use_gate else 2
+    if not isinstance(num_modulations, int) or num_modulations < 1:
+        raise ValueError(
+            f"split_modulation: num_modulations must be a positive int; got {num_modulations!r}."
+        )
+    width = jnp.shape(h)[-1] if jnp.ndim(h) else 0
+    if width == 0 or width % (k * num_modulations):
+        raise ValueError(
+            f"split_modulation: the last axis of h {tuple(jnp.shape(h))} must split into "
+            f"num_modulations * {k} = {k * num_modulations} equal chunks "
+            f"({'shift, scale, gate' if use_gate else 'shift, scale'} per modulation); "
+            f"project to num_modulations * {k} * features."
+        )
+    parts = jnp.split(h, k * num_modulations, axis=-1)
+    return tuple(
+        Modulation(parts[k * i], parts[k * i + 1], parts[k * i + 2] if use_gate else None)
+        for i in range(num_modulations)
+    )
 
 
 def ada_layer_norm(

@@ -42,8 +42,11 @@ variables and call; the per-sample norms' call; the error context), ``batch_norm
 functional core.
 """
 
+from jaxnorm.linen.adaptive import AdaLNZero, ConditionalBatchNorm
 from jaxnorm.linen.batch_norm import BatchNorm
+from jaxnorm.linen.dyt import DyT
 from jaxnorm.linen.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from jaxnorm.linen.qk import QKNorm, qk_norm_attention
 from jaxnorm.linen.variants import (
     BatchRenorm,
     FrozenBatchNorm,
@@ -51,16 +54,24 @@ from jaxnorm.linen.variants import (
     PowerNorm,
     update_grad_stats,
 )
+from jaxnorm.linen.weights import SpectralNorm, WeightNorm
 
 __all__ = [
+    "AdaLNZero",
     "BatchNorm",
     "BatchRenorm",
+    "ConditionalBatchNorm",
+    "DyT",
     "FrozenBatchNorm",
     "GhostBatchNorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
     "PowerNorm",
+    "QKNorm",
     "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+    "qk_norm_attention",
     "update_grad_stats",
 ]

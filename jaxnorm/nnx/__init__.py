@@ -48,8 +48,11 @@ error context); ``batch_norm``, ``per_sample`` and ``variants`` hold the layers,
 its explicit constructor and one call of the functional core.
 """
 
+from jaxnorm.nnx.adaptive import AdaLNZero, ConditionalBatchNorm
 from jaxnorm.nnx.batch_norm import BatchNorm
+from jaxnorm.nnx.dyt import DyT
 from jaxnorm.nnx.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
+from jaxnorm.nnx.qk import QKNorm, QKNormAttention
 from jaxnorm.nnx.variants import (
     BatchRenorm,
     FrozenBatchNorm,
@@ -58,10 +61,14 @@ from jaxnorm.nnx.variants import (
     PowerNormGradStat,
     update_grad_stats,
 )
+from jaxnorm.nnx.weights import SpectralNorm, WeightNorm
 
 __all__ = [
+    "AdaLNZero",
     "BatchNorm",
     "BatchRenorm",
+    "ConditionalBatchNorm",
+    "DyT",
     "FrozenBatchNorm",
     "GhostBatchNorm",
     "GroupNorm",
@@ -69,6 +76,10 @@ __all__ = [
     "LayerNorm",
     "PowerNorm",
     "PowerNormGradStat",
+    "QKNorm",
+    "QKNormAttention",
     "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
     "update_grad_stats",
 ]
