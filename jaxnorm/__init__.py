@@ -16,6 +16,12 @@ from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm
 from jaxnorm.functional.adaptive import ada_layer_norm, conditional_batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.qk import qk_norm
+from jaxnorm.functional.weights import (
+    SpectralNormalized,
+    divide_by_sigma,
+    spectral_normalize,
+    weight_normalize,
+)
 from jaxnorm.state import BatchStats, init_batch_stats, update_batch_stats
 from jaxnorm.stats import Moments, mean_square, merge_moments, moments, psum_moments
 from jaxnorm.variants import (
@@ -35,10 +41,12 @@ __all__ = [
     "BatchStats",
     "Moments",
     "PowerNormStats",
+    "SpectralNormalized",
     "ada_layer_norm",
     "batch_norm",
     "batch_renorm",
     "conditional_batch_norm",
+    "divide_by_sigma",
     "dyt",
     "frozen_batch_norm",
     "ghost_batch_norm",
@@ -55,8 +63,10 @@ __all__ = [
     "qk_norm",
     "renorm_schedule",
     "rms_norm",
+    "spectral_normalize",
     "tools",
     "update_batch_stats",
     "update_power_norm_grad_stat",
     "variants",
+    "weight_normalize",
 ]

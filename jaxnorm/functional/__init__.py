@@ -21,6 +21,12 @@ from jaxnorm.functional.batch import batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.per_sample import group_norm, instance_norm, layer_norm, rms_norm
 from jaxnorm.functional.qk import qk_norm
+from jaxnorm.functional.weights import (
+    SpectralNormalized,
+    divide_by_sigma,
+    spectral_normalize,
+    weight_normalize,
+)
 
 __all__ = [
     "batch_norm",
@@ -33,4 +39,8 @@ __all__ = [
     "dyt",
     "ada_layer_norm",
     "conditional_batch_norm",
+    "SpectralNormalized",
+    "divide_by_sigma",
+    "spectral_normalize",
+    "weight_normalize",
 ]
