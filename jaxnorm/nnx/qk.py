@@ -73,8 +73,7 @@ class QKNorm(QKNormCall, nnx.Module):
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
     ):
-        with _errors_at(self):
-            check_qk_norm_kind("QKNorm", kind)
+        check_qk_norm_kind(_name(self), kind)
         if use_bias and kind == "rms":
             raise ValueError(
                 f"{_name(self)}: kind='rms' has no bias (RMSNorm does not center); got "
