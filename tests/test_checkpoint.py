@@ -1,184 +1,65 @@
-"""jaxnorm.checkpoint: exact resume, refusal of misfits by path, atomic saves.
+"""jaxnorm.checkpoint: exact resume, refusal of misfits by path, atomic saves, older files.
 
-The training state is a linen MLP with jaxnorm BatchNorm and dropout, an optax Adam
-state, the step and a typed PRNG key: everything a resumed run needs to continue
-bit for bit.
+The training state (tests/_checkpoint_training.py) is a linen MLP with jaxnorm BatchNorm
+and dropout, an optax Adam state, the step and a typed PRNG key: everything a resumed
+run needs to continue bit for bit. The references are the uninterrupted run, the values
+saved, and two files written by jaxnorm 0.1.0 itself (tests/data/checkpoints_0.1).
+What is particular to orbax (several processes, asynchronous saves, other meshes,
+corrupted data files, a kill mid-save) is in tests/test_checkpoint_orbax.py.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import os
-import subprocess
-import sys
-import textwrap
+import shutil
 from pathlib import Path
 from typing import Any
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import msgpack
 import numpy as np
 import optax
 import pytest
+from _checkpoint_training import (
+    MLP,
+    SPLIT,
+    STEPS,
+    TX,
+    batches,
+    comparable,
+    init_state,
+    train,
+)
 from flax import nnx, serialization
 from flax.training import train_state
 
 import jaxnorm
-import jaxnorm.linen as jnn
 import jaxnorm.nnx as jnnx
 from jaxnorm import checkpoint as ckpt
-
-STEPS, SPLIT = 6, 4  # train STEPS straight vs. SPLIT, save, restore, STEPS - SPLIT
-
-
-class MLP(nn.Module):
-    hidden: int = 32
-
-    @nn.compact
-    def __call__(self, x, *, train: bool):
-        x = nn.Dense(self.hidden)(x)
-        x = jnn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-        x = nn.Dropout(0.2, deterministic=not train)(nn.relu(x))
-        return nn.Dense(10)(x)
-
-
-TX = optax.adam(1e-2)
-
-
-def _batches():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((STEPS, 16, 8)).astype(np.float32)
-    y = rng.integers(0, 10, (STEPS, 16)).astype(np.int32)
-    return jnp.asarray(x), jnp.asarray(y)
-
-
-@functools.cache
-def _init_state(seed: int, hidden: int = 32) -> dict:
-    """A fresh training state (cached: callers build new containers, never mutate it)."""
-    model = MLP(hidden)
-    v = jax.jit(lambda k: model.init(k, jnp.zeros((2, 8)), train=False))(jax.random.key(seed))
-    return {
-        "params": v["params"],
-        "batch_stats": v["batch_stats"],
-        "opt_state": TX.init(v["params"]),
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.key(seed + 100),
-    }
-
-
-@jax.jit
-def _train_step(state, x, y):
-    rng, drop = jax.random.split(state["rng"])
-
-    def loss_fn(params):
-        logits, upd = MLP().apply(
-            {"params": params, "batch_stats": state["batch_stats"]},
-            x,
-            train=True,
-            rngs={"dropout": drop},
-            mutable=["batch_stats"],
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-
-    (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = TX.update(grads, state["opt_state"], state["params"])
-    new = {
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": upd["batch_stats"],
-        "opt_state": opt_state,
-        "step": state["step"] + 1,
-        "rng": rng,
-    }
-    return new, loss
-
-
-def _train(state, start: int, stop: int):
-    xs, ys = _batches()
-    losses = []
-    for i in range(start, stop):
-        state, loss = _train_step(state, xs[i], ys[i])
-        losses.append(float(loss))
-    return state, losses
-
-
-def _comparable(state):
-    """Typed keys compare by their data."""
-    return jax.tree.map(
-        lambda a: (
-            jax.random.key_data(a)
-            if isinstance(a, jax.Array) and jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-            else np.asarray(a)
-        ),
-        state,
-    )
-
+from jaxnorm.checkpoint import _orbax
 
 # ------------------------------------------------------------------ exact resume
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    straight, losses_straight = _train(_init_state(0), 0, STEPS)
+    straight, losses_straight = train(init_state(0), 0, STEPS)
 
-    first, losses_a = _train(_init_state(0), 0, SPLIT)
+    first, losses_a = train(init_state(0), 0, SPLIT)
     ckpt.save_checkpoint(tmp_path, first, step=SPLIT)
     del first  # the "killed" run: nothing but the file survives
-    fresh = _init_state(7)  # a new process builds its state from another seed
+    fresh = init_state(7)  # a new process builds its state from another seed
     path = ckpt.latest_checkpoint(tmp_path)
     assert ckpt.checkpoint_step(path) == SPLIT
     resumed = ckpt.restore_checkpoint(path, like=fresh)
     assert isinstance(resumed["opt_state"][0], optax.ScaleByAdamState)
-    resumed, losses_b = _train(resumed, SPLIT, STEPS)
+    resumed, losses_b = train(resumed, SPLIT, STEPS)
 
     # Same compiled step, same inputs, same dropout keys: bit-identical.
     assert losses_a + losses_b == losses_straight
-    chex.assert_trees_all_equal(_comparable(resumed), _comparable(straight))
+    chex.assert_trees_all_equal(comparable(resumed), comparable(straight))
     assert not np.allclose(straight["batch_stats"]["BatchNorm_0"]["mean"], 0.0)
-
-
-_RESUME_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    sys.path.insert(0, os.path.dirname(sys.argv[3]))
-    import numpy as np
-    import test_checkpoint as t
-    from jaxnorm import checkpoint as ckpt
-
-    ckpt_dir, phase = sys.argv[1], sys.argv[2]
-    if phase == "first":
-        state, _ = t._train(t._init_state(0), 0, t.SPLIT)
-        ckpt.save_checkpoint(ckpt_dir, state, step=t.SPLIT)
-        os._exit(0)  # killed: no clean shutdown
-    state = ckpt.restore_checkpoint(ckpt.latest_checkpoint(ckpt_dir), like=t._init_state(7))
-    state, losses = t._train(state, ckpt.checkpoint_step(ckpt_dir), t.STEPS)
-    kernel = np.asarray(state["params"]["Dense_1"]["kernel"])
-    mean = np.asarray(state["batch_stats"]["BatchNorm_0"]["mean"])
-    np.savez(os.path.join(ckpt_dir, "final.npz"), losses=losses, kernel=kernel, mean=mean)
-    """
-)
-
-
-def test_resume_in_a_new_process_matches_the_straight_run(tmp_path):
-    """Two fresh interpreters (save then exit hard; restore and finish) = one straight run."""
-    script = tmp_path / "resume.py"
-    script.write_text(_RESUME_SCRIPT)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    for phase in ("first", "second"):
-        subprocess.run(
-            [sys.executable, str(script), str(tmp_path), phase, __file__],
-            check=True,
-            env=env,
-            cwd=Path(__file__).parent.parent,
-            timeout=120,
-        )
-    straight, losses = _train(_init_state(0), 0, STEPS)
-    final = np.load(tmp_path / "final.npz")
-    np.testing.assert_array_equal(final["losses"], np.asarray(losses[SPLIT:], np.float32))
-    np.testing.assert_array_equal(final["kernel"], straight["params"]["Dense_1"]["kernel"])
-    np.testing.assert_array_equal(final["mean"], straight["batch_stats"]["BatchNorm_0"]["mean"])
 
 
 def test_round_trip_keeps_types_dtypes_and_keys(tmp_path):
@@ -215,7 +96,7 @@ def test_round_trip_keeps_types_dtypes_and_keys(tmp_path):
     assert back["step"] == 12 and isinstance(back["step"], int) and back["lr"] == 0.5
     assert isinstance(back["host"], np.ndarray) and back["host"].dtype == np.int16
     assert back["nothing"] is None and isinstance(back["layers"], list)
-    chex.assert_trees_all_equal(_comparable(back), _comparable(state))
+    chex.assert_trees_all_equal(comparable(back), comparable(state))
 
 
 def test_restore_keeps_the_sharding_of_the_target(tmp_path):
@@ -360,7 +241,7 @@ def _train_state_step(state: _TrainState, x, y, key):
 
 
 def _run_train_state(state, start, stop):
-    xs, ys = _batches()
+    xs, ys = batches()
     losses = []
     for i in range(start, stop):
         state, loss = _train_state_step(state, xs[i], ys[i], jax.random.key(1000 + i))
@@ -423,7 +304,7 @@ def _fresh_nnx(seed: int):
 
 
 def _run_nnx(model, optimizer, start, stop):
-    xs, ys = _batches()
+    xs, ys = batches()
     return [float(_nnx_step(model, optimizer, xs[i], ys[i])) for i in range(start, stop)]
 
 
@@ -460,7 +341,7 @@ def test_readme_resume_recipe_with_a_fresh_nnx_state(tmp_path):
 
 
 def _saved_state(tmp_path, state=None):
-    state = _init_state(0) if state is None else state
+    state = init_state(0) if state is None else state
     return ckpt.save_checkpoint(tmp_path, state, step=3), state
 
 
@@ -482,7 +363,7 @@ MISFITS = [
     # (id, change to the *model's* state, words the message must contain)
     (
         "kernel_shape",
-        lambda s: {**s, "params": _init_state(0, hidden=64)["params"]},
+        lambda s: {**s, "params": init_state(0, hidden=64)["params"]},
         [
             "First mismatch: params/BatchNorm_0/bias: checkpoint has (32,), model expects (64,)",
             "params/Dense_0/kernel: checkpoint has (8, 32), model expects (8, 64)",
@@ -548,7 +429,7 @@ def test_a_misfit_is_refused_naming_the_first_mismatching_path(tmp_path, change,
 
 def test_the_first_mismatch_is_in_sorted_path_order_and_others_are_counted(tmp_path):
     path, state = _saved_state(tmp_path)
-    big = _init_state(0, hidden=64)
+    big = init_state(0, hidden=64)
     # Insertion order puts params first; sorted (jax's flattening) order does not.
     like = {"params": big["params"], "batch_stats": big["batch_stats"]}
     like.update({k: v for k, v in state.items() if k not in like})
@@ -559,47 +440,187 @@ def test_the_first_mismatch_is_in_sorted_path_order_and_others_are_counted(tmp_p
     assert "(6 more: batch_stats/BatchNorm_0/var: checkpoint has (32,), model expects" in msg
 
 
-def test_truncated_and_foreign_files_are_refused(tmp_path):
-    path, state = _saved_state(tmp_path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="not a readable checkpoint.*truncated"):
-        ckpt.restore_checkpoint(path, state)
-    from flax import serialization
-
-    path.write_bytes(serialization.msgpack_serialize({"params": {}}))
-    with pytest.raises(ValueError, match="not a jaxnorm.checkpoint/2 file"):
-        ckpt.restore_checkpoint(path, state)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
-        ckpt.restore_checkpoint(tmp_path / "empty", state)
-
-
 @pytest.mark.parametrize("step, keep", [(-1, None), (1.5, None), (True, None), (1, 0)])
 def test_bad_step_or_keep_is_refused(tmp_path, step, keep):
     with pytest.raises(ValueError, match="step|keep"):
         ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(1)}, step=step, keep=keep)
 
 
-# ------------------------------------------------------------------ integrity
+# ------------------------------------------------------------------ saving
 
 
-def _small_state():
+def test_an_existing_step_is_never_overwritten(tmp_path):
+    path = ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(3)}, step=5)
+    assert path == ckpt.checkpoint_path(tmp_path, 5) and path.is_dir()
+    with pytest.raises(ValueError, match="already exists, and a checkpoint is never overwritten"):
+        ckpt.save_checkpoint(tmp_path, {"w": jnp.zeros(3)}, step=5)
+    np.testing.assert_array_equal(ckpt.restore_checkpoint(path, {"w": jnp.zeros(3)})["w"], 1.0)
+
+
+@pytest.mark.parametrize(
+    "leaf, words",
+    [
+        (object(), "layers/0 is a object; a checkpoint holds arrays"),
+        (np.array(["a"]), "layers/0 is an array of dtype <U1"),
+        (np.array([None]), "layers/0 is an array of dtype object"),
+    ],
+    ids=["object", "str_array", "object_array"],
+)
+def test_a_leaf_that_cannot_be_saved_is_refused_by_path(tmp_path, leaf, words):
+    with pytest.raises(TypeError, match="save_checkpoint") as info:
+        ckpt.save_checkpoint(tmp_path, {"layers": [leaf], "w": jnp.ones(2)}, step=1)
+    assert words in str(info.value), str(info.value)
+    assert ckpt.latest_checkpoint(tmp_path) is None
+
+
+# ------------------------------------------------------------------ atomic saves, retention
+
+
+def test_a_failed_save_never_clobbers_the_last_good_checkpoint(tmp_path, monkeypatch):
+    good = ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(1000)}, step=5)
+
+    def die(*args):
+        raise OSError("disk full (simulated) while writing the digests")
+
+    monkeypatch.setattr(_orbax, "_write_digests", die)
+    with pytest.raises(Exception, match="disk full"):  # raised when the save is waited on
+        ckpt.save_checkpoint(tmp_path, {"w": jnp.full(1000, 2.0)}, step=6)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0] == good.name and len(names) == 2, names
+    assert names[1].startswith("checkpoint_00000006.orbax-checkpoint-tmp"), names  # uncommitted
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    back = ckpt.restore_checkpoint(tmp_path, {"w": jnp.zeros(1000)})
+    np.testing.assert_array_equal(back["w"], np.ones(1000))
+
+    monkeypatch.undo()  # the next save removes the leftover and commits
+    ckpt.save_checkpoint(tmp_path, {"w": jnp.full(1000, 2.0)}, step=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name, "checkpoint_00000006"]
+    np.testing.assert_array_equal(
+        ckpt.restore_checkpoint(tmp_path, {"w": jnp.zeros(1000)})["w"], 2.0
+    )
+
+
+def test_latest_checkpoint_ignores_temporary_and_foreign_entries_and_keep_prunes(tmp_path):
+    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    for step in (2, 10, 7):
+        ckpt.save_checkpoint(tmp_path, {"s": step}, step=step)
+    (tmp_path / "checkpoint_00000099.orbax-checkpoint-tmp-123").mkdir()  # a killed save
+    (tmp_path / "checkpoint_00000098.bak").mkdir()
+    (tmp_path / "checkpoint_00000097.msgpack.bak").write_bytes(b"x")
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_00000010"
+    assert ckpt.checkpoint_step(tmp_path) == 10
+    assert ckpt.restore_checkpoint(tmp_path, {"s": 0}) == {"s": 10}
+    ckpt.save_checkpoint(tmp_path, {"s": 11}, step=11, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_00000010",
+        "checkpoint_00000011",
+        "checkpoint_00000097.msgpack.bak",
+        "checkpoint_00000098.bak",
+    ]
+
+
+# ------------------------------------------------------------------ jaxnorm 0.1 .msgpack files
+
+FIXTURES = Path(__file__).parent / "data" / "checkpoints_0.1"
+
+
+def _fixture_state() -> dict:
+    """The state tests/data/checkpoints_0.1/format_{1,2}.msgpack hold, at step 7.
+
+    Written by ``jaxnorm.checkpoint.save_checkpoint(d, _fixture_state(), step=7)`` of
+    jaxnorm 0.1.0 at commits 80399fa (format /1) and bf8e3f5 (format /2).
+    """
     return {
         "w": jnp.arange(6.0, dtype=jnp.float32).reshape(2, 3),
+        "half": jnp.arange(4, dtype=jnp.bfloat16) / 4,
         "stats": jaxnorm.init_batch_stats((3,))._replace(count=jnp.asarray(2, jnp.int32)),
         "rng": jax.random.key(3),
+        "host": np.arange(3, dtype=np.int16),
         "lr": 0.25,
         "step": 7,
     }
 
 
-def test_every_flipped_byte_is_refused_naming_the_file(tmp_path):
-    """The audit's attack: flip single bytes. None may load different values silently."""
-    state = _small_state()
-    path = ckpt.save_checkpoint(tmp_path, state, step=7)
+def _fixture_like() -> dict:
+    return {
+        "w": jnp.zeros((2, 3)),
+        "half": jnp.zeros(4, jnp.bfloat16),
+        "stats": jaxnorm.init_batch_stats((3,)),
+        "rng": jax.random.key(0),
+        "host": np.zeros(3, np.int16),
+        "lr": 0.0,
+        "step": 0,
+    }
+
+
+def _msgpack_path(directory: Path, step: int) -> Path:
+    return directory / f"checkpoint_{step:08d}.msgpack"
+
+
+def _copy_fixture(name: str, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = _msgpack_path(directory, 7)
+    shutil.copy(FIXTURES / f"{name}.msgpack", path)
+    return path
+
+
+def _assert_fixture_values(back: dict) -> None:
+    assert isinstance(back["stats"], jaxnorm.BatchStats)
+    assert back["half"].dtype == jnp.bfloat16 and back["host"].dtype == np.int16
+    assert type(back["step"]) is int and type(back["lr"]) is float
+    chex.assert_trees_all_equal(comparable(back), comparable(_fixture_state()))
+
+
+def test_a_format_2_file_of_jaxnorm_0_1_still_restores(tmp_path):
+    path = _copy_fixture("format_2", tmp_path)
+    assert ckpt.latest_checkpoint(tmp_path) == path
+    assert ckpt.checkpoint_step(path) == 7
+    _assert_fixture_values(ckpt.restore_checkpoint(tmp_path, _fixture_like()))
+    # The run goes on in the new format; the newest step of either format is the latest.
+    ckpt.save_checkpoint(tmp_path, _fixture_state(), step=6)
+    assert ckpt.latest_checkpoint(tmp_path) == path
+    newer = ckpt.save_checkpoint(tmp_path, _fixture_state(), step=8, keep=1)
+    assert ckpt.latest_checkpoint(tmp_path) == newer
+    assert path.exists()  # keep deletes step directories only, never the old files
+
+
+def test_a_format_1_file_is_refused_with_the_way_to_convert_it(tmp_path):
+    path = _copy_fixture("format_1", tmp_path)
+    for read in (
+        lambda: ckpt.restore_checkpoint(path, _fixture_like()),
+        lambda: ckpt.checkpoint_step(path),
+    ):
+        with pytest.raises(ValueError, match="jaxnorm.checkpoint/1.*checksum") as info:
+            read()
+        assert f"upgrade_checkpoint({str(path)!r})" in str(info.value)
+    upgraded = ckpt.upgrade_checkpoint(tmp_path)
+    assert upgraded == ckpt.checkpoint_path(tmp_path, 7) and path.exists()
+    assert ckpt.latest_checkpoint(tmp_path) == upgraded  # preferred over the file
+    assert ckpt.checkpoint_step(upgraded) == 7
+    _assert_fixture_values(ckpt.restore_checkpoint(tmp_path, _fixture_like()))
+    assert ckpt.upgrade_checkpoint(path) == upgraded  # done already: no-op
+    assert ckpt.upgrade_checkpoint(upgraded) == upgraded
+
+
+def test_upgrade_converts_a_format_2_file_and_refuses_a_corrupted_one(tmp_path):
+    path = _copy_fixture("format_2", tmp_path / "good")
+    upgraded = ckpt.upgrade_checkpoint(path)
+    _assert_fixture_values(ckpt.restore_checkpoint(upgraded, _fixture_like()))
+    bad = _copy_fixture("format_2", tmp_path / "bad")
+    flipped = bytearray(bad.read_bytes())
+    flipped[-3] ^= 0x01
+    bad.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="corrupted"):
+        ckpt.upgrade_checkpoint(bad)
+    assert not ckpt.checkpoint_path(tmp_path / "bad", 7).exists()
+
+
+def test_every_flipped_byte_of_a_msgpack_file_is_refused_naming_it(tmp_path):
+    """The audit's attack on the old format: flip single bytes; none may load wrong values."""
+    path = _copy_fixture("format_2", tmp_path)
     data = path.read_bytes()
-    want = _comparable(state)
+    want = comparable(_fixture_state())
     refused = loaded = 0
     for i in range(len(data)):
         for mask in (0x01, 0x10, 0x80, 0xFF):  # lowest bit, a middle bit, top bit, all bits
@@ -607,17 +628,33 @@ def test_every_flipped_byte_is_refused_naming_the_file(tmp_path):
             flipped[i] ^= mask
             path.write_bytes(bytes(flipped))
             try:
-                back = ckpt.restore_checkpoint(path, _small_state())
+                back = ckpt.restore_checkpoint(path, _fixture_like())
             except ValueError as err:
                 assert str(path) in str(err), f"byte {i} ^ {mask:#x}: {err}"
                 refused += 1
             else:  # only acceptable if nothing changed (impossible with a checksum)
-                chex.assert_trees_all_equal(_comparable(back), want)
+                chex.assert_trees_all_equal(comparable(back), want)
                 loaded += 1
     assert refused + loaded == 4 * len(data) and refused > 0
 
 
-def _file(payload, *, fmt=ckpt.FORMAT, digest=None, **extra) -> bytes:
+def test_truncated_and_foreign_msgpack_files_are_refused(tmp_path):
+    path = _copy_fixture("format_2", tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable checkpoint.*truncated"):
+        ckpt.restore_checkpoint(path, _fixture_like())
+    path.write_bytes(serialization.msgpack_serialize({"params": {}}))
+    with pytest.raises(ValueError, match="not a jaxnorm.checkpoint/2 file"):
+        ckpt.restore_checkpoint(path, _fixture_like())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoint in directory"):
+        ckpt.restore_checkpoint(tmp_path / "empty", _fixture_like())
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        ckpt.restore_checkpoint(tmp_path / "missing.msgpack", _fixture_like())
+
+
+def _file(payload, *, fmt=ckpt.FORMAT_2, digest=None, **extra) -> bytes:
     """A file of the current layout around ``payload`` (bytes, or a tree to serialize)."""
     if not isinstance(payload, bytes):
         payload = msgpack.packb(payload, default=serialization._msgpack_ext_pack)
@@ -643,17 +680,17 @@ CRAFTED = {
     "trailing_garbage": _file({"step": 1, "target": _GOOD_TARGET}) + b"\x00",
     "msgpack_list": msgpack.packb([1, 2, 3]),
     "msgpack_int": msgpack.packb(5),
-    "msgpack_str": msgpack.packb(ckpt.FORMAT),
+    "msgpack_str": msgpack.packb(ckpt.FORMAT_2),
     "foreign_dict": msgpack.packb({"params": {}}),
     "format_not_str": msgpack.packb({"format": 2, "sha256": b"", "payload": b""}),
-    "int_map_keys": msgpack.packb({1: 2, "format": ckpt.FORMAT}),
-    "no_checksum": msgpack.packb({"format": ckpt.FORMAT, "payload": b"x"}),
+    "int_map_keys": msgpack.packb({1: 2, "format": ckpt.FORMAT_2}),
+    "no_checksum": msgpack.packb({"format": ckpt.FORMAT_2, "payload": b"x"}),
     "extra_header_field": _file({"step": 1, "target": _GOOD_TARGET}, note="x"),
     "checksum_as_hex_str": _file(b"\x80", digest=hashlib.sha256(b"\x80").hexdigest()),
     "checksum_too_short": _file(b"\x80", digest=b"\x00" * 31),
     "checksum_wrong": _file(b"\x80", digest=b"\x00" * 32),
     "payload_not_bytes": msgpack.packb(
-        {"format": ckpt.FORMAT, "sha256": b"\x00" * 32, "payload": "text"}
+        {"format": ckpt.FORMAT_2, "sha256": b"\x00" * 32, "payload": "text"}
     ),
     "payload_not_msgpack": _file(b"\xc1"),
     "payload_cut_short": _file(msgpack.packb({"step": 1, "target": {}})[:-1]),
@@ -722,7 +759,7 @@ CRAFTED = {
 
 @pytest.mark.parametrize("name", sorted(CRAFTED))
 def test_a_crafted_or_corrupted_file_raises_the_documented_value_error(tmp_path, name):
-    path = ckpt.checkpoint_path(tmp_path, 1)
+    path = _msgpack_path(tmp_path, 1)
     path.write_bytes(CRAFTED[name])
     like = {"w": jnp.zeros(3), "rng": jax.random.key(1)}
     with pytest.raises(ValueError) as info:
@@ -737,7 +774,7 @@ def test_a_crafted_or_corrupted_file_raises_the_documented_value_error(tmp_path,
 
 def test_the_crafting_helper_makes_files_that_restore(tmp_path):
     """Guards the crafted cases above: their only defect is the one each names."""
-    path = ckpt.checkpoint_path(tmp_path, 1)
+    path = _msgpack_path(tmp_path, 1)
     path.write_bytes(_file({"step": 1, "target": _GOOD_TARGET}))
     back = ckpt.restore_checkpoint(path, {"w": jnp.ones(3), "rng": jax.random.key(1)})
     np.testing.assert_array_equal(back["w"], _W)
@@ -745,74 +782,9 @@ def test_the_crafting_helper_makes_files_that_restore(tmp_path):
     assert ckpt.checkpoint_step(path) == 1
 
 
-def _write_format_1(path: Path, state, step: int) -> None:
-    """A file exactly as jaxnorm.checkpoint/1 wrote it (no checksum)."""
-    payload = {"format": "jaxnorm.checkpoint/1", "step": step, "target": ckpt._to_host(state)}
-    path.write_bytes(serialization.msgpack_serialize(payload))
-
-
-def test_a_format_1_file_is_refused_with_the_way_to_convert_it(tmp_path):
-    state = _small_state()
-    path = ckpt.checkpoint_path(tmp_path, 7)
-    _write_format_1(path, state, 7)
-    for read in (lambda: ckpt.restore_checkpoint(path, state), lambda: ckpt.checkpoint_step(path)):
-        with pytest.raises(ValueError, match="jaxnorm.checkpoint/1.*checksum") as info:
-            read()
-        assert f"upgrade_checkpoint({str(path)!r})" in str(info.value)
-    assert ckpt.upgrade_checkpoint(tmp_path) == path
-    assert ckpt.checkpoint_step(path) == 7
-    back = ckpt.restore_checkpoint(path, _small_state())
-    chex.assert_trees_all_equal(_comparable(back), _comparable(state))
-    upgraded = path.read_bytes()
-    assert ckpt.upgrade_checkpoint(path) == path and path.read_bytes() == upgraded  # no-op
-    flipped = bytearray(upgraded)
-    flipped[-3] ^= 0x01
-    path.write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="corrupted"):
-        ckpt.upgrade_checkpoint(path)
-
-
 def test_upgrade_refuses_a_malformed_format_1_file(tmp_path):
-    path = ckpt.checkpoint_path(tmp_path, 1)
+    path = _msgpack_path(tmp_path, 1)
     path.write_bytes(serialization.msgpack_serialize({"format": "jaxnorm.checkpoint/1"}))
     with pytest.raises(ValueError, match="not a map of step and target") as info:
         ckpt.upgrade_checkpoint(path)
     assert str(path) in str(info.value)
-
-
-# ------------------------------------------------------------------ atomic saves
-
-
-def test_an_interrupted_save_never_clobbers_the_last_good_checkpoint(tmp_path, monkeypatch):
-    good = ckpt.save_checkpoint(tmp_path, {"w": jnp.ones(1000)}, step=5)
-    good_bytes = good.read_bytes()
-
-    def write_half_then_die(f, data):
-        f.write(data[: len(data) // 2])
-        f.flush()
-        raise KeyboardInterrupt("killed mid-save")
-
-    monkeypatch.setattr(ckpt, "_write_bytes", write_half_then_die)
-    # Same step: the final name exists and must survive; a later step must not appear.
-    for step in (5, 6):
-        with pytest.raises(KeyboardInterrupt):
-            ckpt.save_checkpoint(tmp_path, {"w": jnp.full(1000, 2.0)}, step=step)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]  # temp file removed
-    assert good.read_bytes() == good_bytes
-    assert ckpt.latest_checkpoint(tmp_path) == good
-    back = ckpt.restore_checkpoint(ckpt.latest_checkpoint(tmp_path), {"w": jnp.zeros(1000)})
-    np.testing.assert_array_equal(back["w"], np.ones(1000))
-
-
-def test_latest_checkpoint_ignores_temp_and_foreign_files_and_keep_prunes(tmp_path):
-    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
-    assert ckpt.latest_checkpoint(tmp_path) is None
-    for step in (2, 10, 7):
-        ckpt.save_checkpoint(tmp_path, {"s": step}, step=step)
-    (tmp_path / ".tmp-abc.msgpack").write_bytes(b"partial")
-    (tmp_path / "checkpoint_00000099.msgpack.bak").write_bytes(b"x")
-    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint_00000010.msgpack"
-    assert ckpt.restore_checkpoint(tmp_path, {"s": 0}) == {"s": 10}
-    ckpt.save_checkpoint(tmp_path, {"s": 11}, step=11, keep=2)
-    kept = sorted(p.name for p in tmp_path.glob("checkpoint_*.msgpack"))
-    assert kept == ["checkpoint_00000010.msgpack", "checkpoint_00000011.msgpack"]
