@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +16,54 @@ from jaxnorm.functional._core import (
     _out_dtype,
     _pass_through_empty,
     _standardize,
+    mask_safe,
 )
-from jaxnorm.stats import AxisName, moments
+from jaxnorm.stats import AxisName, moments, stat_dtype
+
+CastOrder = Literal["scale_then_cast", "cast_then_scale"]
+_CAST_ORDERS = ("scale_then_cast", "cast_then_scale")
+
+
+def check_scale_offset(fn: str, scale_offset: Any, scale: Any) -> float:
+    """Refuse a ``scale_offset`` that is not a finite Python number, or one with no scale.
+
+    Returns the offset as a float.
+    """
+    if isinstance(scale_offset, bool) or not isinstance(scale_offset, (int, float)):
+        raise TypeError(
+            f"{fn}: scale_offset must be a Python float (the constant added to scale, e.g. "
+            f"1.0 for Gemma's (1 + w)); got {scale_offset!r}."
+        )
+    if scale_offset != scale_offset or abs(scale_offset) == float("inf"):
+        raise ValueError(f"{fn}: scale_offset must be finite; got {scale_offset!r}.")
+    if scale is None and scale_offset != 0:
+        raise ValueError(
+            f"{fn}: scale_offset={scale_offset!r} shifts a scale, but no scale was given, so "
+            f"there is nothing to offset. Pass the (zero-centred) scale, e.g. jnp.zeros(d) "
+            f"for a multiplier of {scale_offset!r}, or scale_offset=0.0."
+        )
+    return float(scale_offset)
+
+
+def check_cast_order(fn: str, cast_order: Any) -> None:
+    """Refuse an unknown ``cast_order``."""
+    if cast_order not in _CAST_ORDERS:
+        raise ValueError(
+            f"{fn}: cast_order must be one of {_CAST_ORDERS}; got {cast_order!r}. "
+            f"'scale_then_cast' is Gemma's and flax's order (all in float32, one cast at the "
+            f"end); 'cast_then_scale' is Llama's (weight * x_hat.to(input_dtype))."
+        )
+
+
+def offset_scale(scale: jax.Array | None, scale_offset: float, x_dtype: Any) -> jax.Array | None:
+    """The multiplier ``scale_offset + scale``, formed in at least float32 (as Gemma's
+    ``1.0 + self.weight.float()``); ``scale`` unchanged when the offset is 0."""
+    if scale is None or scale_offset == 0:
+        return scale
+    real = _checks.real_dtype(stat_dtype(x_dtype))
+    return jnp.asarray(scale).astype(jnp.promote_types(real, jnp.result_type(scale))) + (
+        scale_offset
+    )
 
 
 def layer_norm(
@@ -32,16 +78,17 @@ def layer_norm(
     dtype: Any = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    scale_offset: float = 0.0,
 ) -> jax.Array:
     """Layer normalization: standardize each sample over ``axis``.
 
     .. math::
 
         y = \\frac{x - \\mathrm{E}_{axis}[x]}{\\sqrt{\\mathrm{Var}_{axis}[x] + \\epsilon}}
-            \\,\\gamma + \\beta
+            \\,(o + \\gamma) + \\beta
 
-    with the biased variance, computed in >= float32 by a method that stays exact
-    for large means (see :mod:`jaxnorm.stats`).
+    with ``o = scale_offset`` (default 0) and the biased variance, computed in >= float32
+    by a method that stays exact for large means (see :mod:`jaxnorm.stats`).
 
     torch's ``nn.LayerNorm(normalized_shape)`` with ``k`` dims is
     ``axis=tuple(range(-k, 0))`` (torch's default ``eps`` is 1e-5, flax's 1e-6).
@@ -61,12 +108,17 @@ def layer_norm(
       dtype: output dtype; ``None`` keeps ``x.dtype``.
       axis_name: optional named axis to also reduce across (rarely needed).
       axis_index_groups: device groups for ``axis_name``.
+      scale_offset: a constant added to ``scale``, in float32: ``1.0`` is the
+        zero-centred ``(1 + w)`` parametrization of TransformerEngine's
+        ``zero_centered_gamma`` (whose weight decay pulls the multiplier towards 1, not
+        0). Needs a ``scale``.
 
     Returns:
       An array of ``x``'s shape.
 
     Raises:
-      TypeError, ValueError: as :func:`batch_norm`, for the arguments it shares.
+      TypeError, ValueError: as :func:`batch_norm`, for the arguments it shares; a
+        ``scale_offset`` that is not a finite number, or is nonzero without a scale.
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm
@@ -85,10 +137,14 @@ def layer_norm(
         if feature_axis is None
         else _checks.canonical_axes(fn, "feature_axis", feature_axis, x.ndim)
     )
+    scale_offset = check_scale_offset(fn, scale_offset, scale)
+    desc = f"the feature axes {feature_axes} of x {tuple(x.shape)}"
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    _checks.check_param_shape(fn, "scale", scale, feature_shape, desc, complex_ok=True)
     return _standardize(
         fn,
         x,
-        scale,
+        offset_scale(scale, scale_offset, jnp.result_type(x)),
         bias,
         reduce_axes=reduce_axes,
         feature_axes=feature_axes,
@@ -113,15 +169,32 @@ def rms_norm(
     dtype: Any = None,
     axis_name: AxisName | None = None,
     axis_index_groups: Sequence[Sequence[int]] | None = None,
+    scale_offset: float = 0.0,
+    cast_order: CastOrder = "scale_then_cast",
 ) -> jax.Array:
     """Root-mean-square normalization: rescale each sample, without centering.
 
     .. math::
 
-        y = \\frac{x}{\\sqrt{\\mathrm{E}_{axis}[x^2] + \\epsilon}}\\,\\gamma
+        y = \\frac{x}{\\sqrt{\\mathrm{E}_{axis}[x^2] + \\epsilon}}\\,(o + \\gamma)
 
-    torch's ``nn.RMSNorm`` defaults ``eps`` to ``finfo(float32).eps`` (float64's for
-    float64 layers; half-precision layers compute in float32); flax uses 1e-6.
+    with ``o = scale_offset`` (default 0). torch's ``nn.RMSNorm`` defaults ``eps`` to
+    ``finfo(float32).eps`` (float64's for float64 layers; half-precision layers compute
+    in float32); flax uses 1e-6.
+
+    Two conventions of today's models, which differ in the last bits of a bf16 output:
+
+    * Gemma's zero-centred scale, ``scale_offset=1.0``: the multiplier is ``1 + w``
+      (HF ``GemmaRMSNorm``: ``x_hat * (1.0 + self.weight.float())``, weights
+      initialized to zeros; TransformerEngine's ``zero_centered_gamma``).
+    * Where the cast to the output dtype happens (``cast_order``).
+      ``"scale_then_cast"`` (default; Gemma, flax, ``torch.nn.RMSNorm``): ``x_hat``
+      times the multiplier in float32, one rounding at the end.
+      ``"cast_then_scale"`` (Llama, Mistral, Qwen2 in HF transformers:
+      ``self.weight * hidden_states.to(input_dtype)``): ``x_hat`` is rounded to the
+      output dtype first, then multiplied by the multiplier in the promoted dtype of
+      the two, and the product cast to the output dtype (with Llama's bf16 weights:
+      a bf16 product of two bf16 numbers, rounded twice in all).
 
     Args:
       x: floating input.
@@ -133,18 +206,29 @@ def rms_norm(
       dtype: output dtype; ``None`` keeps ``x.dtype``.
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
+      scale_offset: a constant added to ``scale`` in float32 (``1.0``: Gemma's
+        ``(1 + w)``). Needs a ``scale``.
+      cast_order: ``"scale_then_cast"`` or ``"cast_then_scale"``, above.
 
     Returns:
       An array of ``x``'s shape.
+
+    Raises:
+      TypeError, ValueError: as :func:`layer_norm`; an unknown ``cast_order``.
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm
       >>> y = jaxnorm.rms_norm(jnp.array([[3.0, 4.0]]), epsilon=0.0)
       >>> [round(float(v), 4) for v in y[0]]
       [0.8485, 1.1314]
+      >>> w = jnp.zeros(2)  # Gemma's zero-centred weight: a multiplier of 1
+      >>> [round(float(v), 4) for v in jaxnorm.rms_norm(
+      ...     jnp.array([[3.0, 4.0]]), w, epsilon=0.0, scale_offset=1.0)[0]]
+      [0.8485, 1.1314]
 
     References:
-      Zhang & Sennrich (2019), "Root Mean Square Layer Normalization".
+      Zhang & Sennrich (2019), "Root Mean Square Layer Normalization". Gemma Team
+      (2024), "Gemma: Open Models Based on Gemini Research and Technology".
     """
     fn = "rms_norm"
     _checks.check_floating(fn, x, complex_ok=True)
@@ -154,21 +238,34 @@ def rms_norm(
         if feature_axis is None
         else _checks.canonical_axes(fn, "feature_axis", feature_axis, x.ndim)
     )
-    return _standardize(
+    scale_offset = check_scale_offset(fn, scale_offset, scale)
+    check_cast_order(fn, cast_order)
+    desc = f"the feature axes {feature_axes} of x {tuple(x.shape)}"
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    _checks.check_param_shape(fn, "scale", scale, feature_shape, desc, complex_ok=True)
+    multiplier = offset_scale(scale, scale_offset, jnp.result_type(x))
+    late = cast_order == "cast_then_scale" and multiplier is not None
+    out_dtype = _out_dtype(fn, x, dtype)
+    y = _standardize(
         fn,
         x,
-        scale,
+        None if late else multiplier,
         None,
         reduce_axes=reduce_axes,
         feature_axes=feature_axes,
         epsilon=epsilon,
         mask=mask,
-        dtype=dtype,
+        dtype=out_dtype,
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         center=False,
-        desc=f"the feature axes {feature_axes} of x {tuple(x.shape)}",
+        desc=desc,
     )
+    if not late:
+        return y
+    # Llama's order: x_hat already rounded to the output dtype; now the scale.
+    w = _broadcast_param(multiplier, x.ndim, feature_axes, x.shape)
+    return mask_safe(lambda v, w: (v * w).astype(out_dtype), y, mask, w)
 
 
 def instance_norm(
