@@ -16,6 +16,7 @@ from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm
 from jaxnorm.functional.adaptive import ada_layer_norm, conditional_batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.qk import qk_norm
+from jaxnorm.functional.residual import add_layer_norm, add_rms_norm
 from jaxnorm.functional.weights import (
     SpectralNormalized,
     divide_by_sigma,
@@ -43,6 +44,8 @@ __all__ = [
     "PowerNormStats",
     "SpectralNormalized",
     "ada_layer_norm",
+    "add_layer_norm",
+    "add_rms_norm",
     "batch_norm",
     "batch_renorm",
     "conditional_batch_norm",

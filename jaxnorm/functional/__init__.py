@@ -21,6 +21,7 @@ from jaxnorm.functional.batch import batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.per_sample import group_norm, instance_norm, layer_norm, rms_norm
 from jaxnorm.functional.qk import qk_norm
+from jaxnorm.functional.residual import add_layer_norm, add_rms_norm
 from jaxnorm.functional.weights import (
     SpectralNormalized,
     divide_by_sigma,
@@ -43,4 +44,6 @@ __all__ = [
     "divide_by_sigma",
     "spectral_normalize",
     "weight_normalize",
+    "add_layer_norm",
+    "add_rms_norm",
 ]
