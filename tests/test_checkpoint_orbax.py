@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import os
 import shutil
 import signal
@@ -38,7 +39,7 @@ from _multiprocess import run_processes
 from jax.sharding import PartitionSpec as P
 
 from jaxnorm import checkpoint as ckpt
-from jaxnorm.checkpoint import _orbax
+from jaxnorm.checkpoint import _integrity, _orbax
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -245,7 +246,7 @@ _KILLED_RUN = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     import _checkpoint_training as t
     from jaxnorm import checkpoint as ckpt
-    from jaxnorm.checkpoint import _orbax
+    from jaxnorm.checkpoint import _integrity, _orbax
 
     ckpt_dir, kill = sys.argv[1], int(sys.argv[2])
     write = _orbax._write_digests
@@ -299,6 +300,15 @@ def test_a_run_killed_mid_save_resumes_bit_identically(tmp_path):
 
 def _small_state() -> dict:
     return state_on(sharded_values(), *SAVE_LAYOUT, devices=jax.devices()[:4])
+
+
+def test_digests_in_threads_are_hashlibs():
+    """Above 16 MiB the shards are hashed in threads; the digests must not change."""
+    rng = np.random.default_rng(0)
+    hosts = [rng.standard_normal((1024, 1024)).astype(np.float32) for _ in range(5)]
+    hosts.append(np.asarray(hosts[0][::2], dtype=jnp.bfloat16))  # not contiguous, bf16
+    want = [hashlib.sha256(np.ascontiguousarray(h).tobytes()).hexdigest() for h in hosts]
+    assert _integrity.sha256_all(hosts) == want
 
 
 def _orbax_alone(path: Path, count: int) -> list[np.ndarray]:

@@ -13,12 +13,16 @@ copies; only a box that spans shards of several processes is first replicated wi
 from __future__ import annotations
 
 import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxnorm.checkpoint._manifest import Box
+
+_PARALLEL_BYTES = 1 << 24  # below this, threads cost more than they save
 
 
 def full_box(shape: tuple[int, ...]) -> Box:
@@ -93,42 +97,53 @@ def _replicated(value: jax.Array) -> jax.Array:
     return jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
-def _mismatched_boxes(value: Any, saved: list[tuple[Box, str]]) -> bool:
-    """Whether a box this process checks does not hash to its digest (collective-safe)."""
-    me = jax.process_index()
+def _checks(value: Any, saved: list[tuple[Box, str]]) -> list[tuple[np.ndarray, str]]:
+    """``(host values, saved digest)`` of the boxes this process checks (collective-safe)."""
     if not isinstance(value, jax.Array):  # NumPy: every process holds all of it
-        return any(sha256(value[_slices(box)]) != digest for box, digest in saved)
-    shape = value.shape
+        return [(value[_slices(box)], digest) for box, digest in saved]
+    me, shape = jax.process_index(), value.shape
     regions: dict[Box, list[jax.Device]] = {}
     for device, index in value.sharding.devices_indices_map(shape).items():
         regions.setdefault(box_of(index, shape), []).append(device)
     local = {shard.device: shard for shard in value.addressable_shards}
     hosts: dict[Box, np.ndarray] = {}
     replicated = None
-    bad = False
+    checks = []
     for box, digest in saved:
         if _volume(box) == 0:
-            bad |= digest != sha256(np.zeros(0, np.uint8))
+            checks.append((np.zeros(0, np.uint8), digest))
             continue
         needed = [r for r in regions if _intersect(r, box) is not None]
         owners = set.intersection(*({d.process_index for d in regions[r]} for r in needed))
         if not owners:  # spans processes: every process takes part, process 0 hashes
             replicated = _replicated(value) if replicated is None else replicated
             if me == 0:
-                whole = np.asarray(replicated.addressable_data(0))
-                bad |= sha256(whole[_slices(box)]) != digest
+                checks.append((np.asarray(replicated.addressable_data(0))[_slices(box)], digest))
             continue
         if min(owners) != me:
             continue
-        out = np.empty([stop - start for start, stop in box], value.dtype)
         for region in needed:
             if region not in hosts:
                 device = next(d for d in regions[region] if d in local)
                 hosts[region] = np.asarray(local[device].data)
+        if len(needed) == 1:  # inside one restored shard
+            checks.append((hosts[needed[0]][_slices(box, needed[0])], digest))
+            continue
+        out = np.empty([stop - start for start, stop in box], value.dtype)
+        for region in needed:
             part = _intersect(region, box)
             out[_slices(part, box)] = hosts[region][_slices(part, region)]
-        bad |= sha256(out) != digest
-    return bad
+        checks.append((out, digest))
+    return checks
+
+
+def sha256_all(hosts: list[np.ndarray]) -> list[str]:
+    """:func:`sha256` of each; in threads when there is enough to hash (hashlib drops the GIL)."""
+    workers = min(len(hosts), os.cpu_count() or 1)
+    if workers < 2 or sum(h.nbytes for h in hosts) < _PARALLEL_BYTES:
+        return [sha256(h) for h in hosts]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(sha256, hosts))
 
 
 def first_mismatch(values: list[Any], saved: list[list[tuple[Box, str]]]) -> int | None:
@@ -137,8 +152,13 @@ def first_mismatch(values: list[Any], saved: list[list[tuple[Box, str]]]) -> int
     Every process checks its part of every value, then all agree (a collective when there
     are several processes), so the answer is the same everywhere.
     """
-    bad = [i for i, (v, s) in enumerate(zip(values, saved, strict=True)) if _mismatched_boxes(v, s)]
-    first = agree_min(bad[0] if bad else len(values))
+    first = len(values)
+    for i, (value, boxes) in enumerate(zip(values, saved, strict=True)):
+        checks = _checks(value, boxes)  # every value: the collectives must run everywhere
+        got = sha256_all([host for host, _ in checks])
+        if first == len(values) and got != [digest for _, digest in checks]:
+            first = i
+    first = agree_min(first)
     return first if first < len(values) else None
 
 

@@ -59,9 +59,10 @@ class _IntegrityRestore(ocp.args.CheckpointArgs):
 
 def _write_digests(directory: Any, process: int, shards: list) -> None:
     """Hash the host copies and write this process's digest file (in the background)."""
+    digests = _integrity.sha256_all([host for _, _, host in shards])
     entries = [
-        {"leaf": index, "box": [list(d) for d in box], "sha256": _integrity.sha256(host)}
-        for index, box, host in shards
+        {"leaf": index, "box": [list(d) for d in box], "sha256": digest}
+        for (index, box, _), digest in zip(shards, digests, strict=True)
     ]
     _manifest.write_json(
         directory / _manifest.digests_name(process), {"process": process, "shards": entries}
