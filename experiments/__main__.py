@@ -26,6 +26,8 @@ _MODULES = (
     "experiments.padding",
     "experiments.small_batch",
     "experiments.powernorm_lm",
+    "experiments.qk_norm",
+    "experiments.dyt",
 )
 
 
@@ -66,6 +68,12 @@ def write_report(out_dir: Path, experiments: list[Experiment]) -> Path:
     return path
 
 
+def _is_lead_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     reg = registry()
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
@@ -76,11 +84,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text-file", default=None, help="UTF-8 text file for the language runs")
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (override)")
     parser.add_argument("--devices", type=int, default=None, help="data-parallel devices")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        help="data_parallel: launch N local jax.distributed processes (multi-host on one machine)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="data_parallel on a cluster: jax.distributed.initialize() autodetects SLURM/TPU/K8s",
+    )
     parser.add_argument("--plot-only", action="store_true", help="re-plot from metric files")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.processes is not None and args.processes < 1:
+        parser.error(f"--processes must be >= 1, got {args.processes}")
+    if args.distributed:
+        # Before any JAX computation: joins the cluster's process group (one per host).
+        import jax
+
+        jax.distributed.initialize()
     unknown = [n for n in args.names if n not in reg]
     if unknown:
         parser.error(f"unknown experiment(s) {unknown}; choose from {list(reg)}")
@@ -92,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         text_file=args.text_file,
         seeds=args.seeds,
         devices=args.devices,
+        processes=args.processes,
+        distributed=args.distributed,
         progress=not args.no_progress,
     )
     for exp in chosen:
@@ -104,7 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             folder = cfg.dir_for(exp.name)
             print(f"== {exp.name}", flush=True)
             exp.run(cfg)
+        if args.distributed and not _is_lead_process():
+            continue  # one process of a cluster writes figures and the report
         exp.plot(folder)
+    if args.distributed and not _is_lead_process():
+        return 0
     report = write_report(cfg.out_dir, list(reg.values()))
     print(f"report: {report}")
     return 0

@@ -41,6 +41,8 @@ class RunConfig:
     text_file: str | None = None  # a UTF-8 text file instead of the packaged KJV Bible
     seeds: int | None = None  # override the number of seeds (None: the experiment's default)
     devices: int | None = None  # data-parallel devices (None: the experiment's default)
+    processes: int | None = None  # data_parallel: launch this many local jax processes
+    distributed: bool = False  # data_parallel: this process is one of a cluster's (autodetect)
     progress: bool = True  # show progress bars
 
     def dir_for(self, name: str) -> Path:

@@ -34,6 +34,15 @@ CPU-only host with a single device the run re-launches itself in a subprocess wi
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` (8 virtual devices), since that
 flag must be set before jax starts; the same happens when ``N`` exceeds the CPU devices.
 
+Processes. ``--processes N`` launches ``N`` local processes joined by
+``jax.distributed.initialize("localhost:PORT", N, i)``, each with ``--devices / N`` CPU
+devices: multi-host data parallelism on one machine. The ``N``-device runs then span
+every process (the global batch is a global array, each process holding its devices'
+shards), while each process computes the 1-device references on its own first device;
+process 0 writes the results. On a cluster, start one process per host the usual way
+(``srun``, a TPU pod, a Kubernetes job) with ``--distributed``:
+``jax.distributed.initialize()`` then detects the cluster, and the code is the same.
+
 Writes ``<out>/data_parallel/metrics.json`` (config, per-step ``train_loss`` of each run,
 ``eval_acc``, max differences against the 1-device runs) and ``losses.csv``; the plot
 and the report section read only those files.
@@ -123,13 +132,44 @@ class MLP(nn.Module):
 
 
 def _mesh(devices: int) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first ``devices`` local devices (Auto axes: plain arrays in)."""
+    """A 1-D mesh over ``devices`` devices (Auto axes: plain arrays in).
+
+    This process's own devices when they suffice (so with several processes each runs
+    its small meshes alone), otherwise the first ``devices`` of all processes.
+    """
+    local = devices <= jax.local_device_count()
     return jax.make_mesh(
         (devices,),
         (AXIS,),
         axis_types=(jax.sharding.AxisType.Auto,),
-        devices=jax.local_devices()[:devices],
+        devices=(jax.local_devices() if local else jax.devices())[:devices],
     )
+
+
+def _spans_processes(mesh: jax.sharding.Mesh) -> bool:
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def _replicated(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Host values as global arrays replicated over ``mesh`` (every process holds a copy).
+
+    Needed when ``mesh`` spans several processes: a jitted program over it takes global
+    arrays, not one process's host or device values.
+    """
+    sharding = jax.sharding.NamedSharding(mesh, P())
+
+    def put(a):
+        a = _host(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _host(a: Any) -> np.ndarray:
+    """A (replicated) array's value on this host, also when it spans several processes."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return np.asarray(a.addressable_data(0))
+    return np.asarray(a)
 
 
 def make_train_chunk(model: MLP, tx: optax.GradientTransformation, devices: int):
@@ -245,19 +285,26 @@ def train_run(
     if mask_devices is not None:
         valid &= uneven_mask(config.global_batch, mask_devices)
     chunk = make_train_chunk(model, tx, devices)
+    mesh = _mesh(devices)
+
+    def put(tree):  # global arrays when the mesh spans processes, else as they are
+        return _replicated(tree, mesh) if _spans_processes(mesh) else tree
+
+    state, x, y, x_test = put((state, x, y, x_test))
     start = time.perf_counter()
-    compiled = chunk.lower(state, x, y, jnp.asarray(idx[0]), jnp.asarray(valid[0])).compile()
+    compiled = chunk.lower(state, x, y, put(idx[0]), put(valid[0])).compile()
     compile_s = time.perf_counter() - start
     losses = []
     start = time.perf_counter()
     for k in progress(range(config.chunks), desc=label, enabled=progress_bar):
-        state, loss = compiled(state, x, y, jnp.asarray(idx[k]), jnp.asarray(valid[k]))
-        losses.append(np.asarray(loss))
+        state, loss = compiled(state, x, y, put(idx[k]), put(valid[k]))
+        losses.append(_host(loss))
     run_s = time.perf_counter() - start
     logits = jax.jit(
         lambda v, x: model.apply(v, x, train=False),
     )({"params": state["params"], "batch_stats": state["batch_stats"]}, x_test)
-    eval_acc = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
+    eval_acc = float(np.mean(np.argmax(_host(logits), -1) == _host(y_test)))
+    state = jax.tree.map(_host, state)
     return {
         "train_loss": np.concatenate(losses),
         "eval_acc": eval_acc,
@@ -289,7 +336,7 @@ def _wanted_devices(cfg: RunConfig) -> int:
         if cfg.devices < 1:
             raise ValueError(f"{NAME}: --devices must be >= 1; got {cfg.devices}.")
         return cfg.devices
-    available = jax.local_device_count()
+    available = jax.device_count()  # all processes' devices
     if available == 1 and jax.default_backend() == "cpu":
         return _CPU_VIRTUAL_DEVICES
     return available
@@ -341,9 +388,56 @@ def _plan(devices: int, *, controls: bool) -> list[dict[str, Any]]:
     return plan
 
 
+def _launch_processes(cfg: RunConfig, devices: int) -> None:
+    """Run this experiment as ``cfg.processes`` local jax.distributed processes."""
+    n = cfg.processes
+    if devices % n:
+        raise ValueError(
+            f"{NAME}: --devices {devices} must split evenly over --processes {n}; pass e.g. "
+            f"--devices {n * max(1, devices // n)}."
+        )
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices // n))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    base = [sys.executable, "-m", "experiments.parallel", "--devices", str(devices)]
+    base += ["--out", str(Path(cfg.out_dir).resolve()), "--processes", str(n)]
+    base += ["--coordinator", f"localhost:{port}"]
+    base += ["--quick"] if cfg.quick else []
+    base += ["--data-dir", cfg.data_dir] if cfg.data_dir else []
+    print(f"{NAME}: {n} processes x {devices // n} CPU devices (jax.distributed)", flush=True)
+    procs = [
+        subprocess.Popen(
+            base
+            + ["--process-id", str(i)]
+            + ([] if cfg.progress and i == 0 else ["--no-progress"]),
+            env=env,
+            cwd=root,
+        )
+        for i in range(n)
+    ]
+    while any(p.poll() is None for p in procs):  # one worker failing stops the others
+        if any(p.poll() not in (None, 0) for p in procs):
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    codes = [p.returncode for p in procs]
+    if any(codes):
+        raise RuntimeError(f"{NAME}: worker processes exited with {codes}")
+
+
 def run(cfg: RunConfig) -> None:
     """Trains 1-device and N-device runs on the same global batches; writes metrics.json."""
     config = DataParallelConfig.quick() if cfg.quick else DataParallelConfig()
+    if cfg.processes is not None and cfg.processes > 1 and jax.process_count() == 1:
+        _launch_processes(cfg, cfg.devices or _CPU_VIRTUAL_DEVICES)
+        return
     devices = _wanted_devices(cfg)
     if config.global_batch % devices:
         raise ValueError(
@@ -352,8 +446,8 @@ def run(cfg: RunConfig) -> None:
         )
     if config.steps % config.chunks:
         raise ValueError(f"{NAME}: steps={config.steps} must be a multiple of chunks.")
-    if devices > jax.local_device_count():
-        if jax.default_backend() != "cpu":
+    if devices > jax.device_count():
+        if jax.default_backend() != "cpu" or jax.process_count() > 1:
             raise ValueError(
                 f"{NAME}: --devices {devices} but only {jax.local_device_count()} "
                 f"{jax.default_backend()} devices are visible."
@@ -419,6 +513,9 @@ def run(cfg: RunConfig) -> None:
         "wall_s": wall.seconds,
         "cpu_s": time.process_time() - cpu_start,
     }
+    metrics["processes"] = jax.process_count()
+    if jax.process_index() != 0:
+        return  # process 0 writes the results
     write_metrics(out, metrics)
     write_csv(
         out / "losses.csv",
@@ -567,7 +664,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--processes", type=int, default=None, help="size of the process group")
+    parser.add_argument("--process-id", type=int, default=None, help="this process's index")
+    parser.add_argument("--coordinator", default=None, help="host:port of process 0")
     args = parser.parse_args(argv)
+    if args.process_id is not None:
+        # Before any JAX computation: join the group the launcher started.
+        jax.distributed.initialize(args.coordinator, args.processes, args.process_id)
     cfg = RunConfig(
         out_dir=Path(args.out),
         quick=args.quick,
@@ -575,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         devices=args.devices,
         progress=not args.no_progress,
     )
-    if args.devices is not None and args.devices > jax.local_device_count():
+    if args.devices is not None and args.devices > jax.device_count():
         raise SystemExit(
             f"{NAME}: {args.devices} devices requested, {jax.local_device_count()} "
             f"visible (set XLA_FLAGS={_FLAG}={args.devices} on CPU)"

@@ -154,3 +154,23 @@ def test_devices_must_divide_the_global_batch(tmp_path):
     cfg = RunConfig(out_dir=tmp_path, quick=True, devices=3, progress=False)
     with pytest.raises(ValueError, match="global batch of 64 examples does not split over 3"):
         parallel.run(cfg)
+
+
+def test_processes_launch_a_jax_distributed_group_that_follows_one_device(tmp_path):
+    """``--processes 2 --devices 4``: 2 local processes of 2 CPU devices each, joined by
+    jax.distributed; the 4-device runs span both and follow the 1-device runs."""
+    cfg = RunConfig(out_dir=tmp_path, quick=True, devices=4, processes=2, progress=False)
+    parallel.run(cfg)
+    m = read_json(tmp_path / parallel.NAME / "metrics.json")
+    assert m["processes"] == 2 and m["devices"] == 4
+    for kind in ("sync", "masked"):
+        c = m["comparisons"][f"{kind}_4"]
+        assert c["max_rel_loss_diff_early"] <= REL_TOL, (kind, c)
+    # Control: per-device BatchNorm across the processes is a different model.
+    assert m["comparisons"]["local_4"]["max_rel_loss_diff_early"] > 1e-3
+
+
+def test_processes_must_split_the_devices(tmp_path):
+    cfg = RunConfig(out_dir=tmp_path, quick=True, devices=5, processes=2, progress=False)
+    with pytest.raises(ValueError, match="split evenly over --processes 2"):
+        parallel.run(cfg)
