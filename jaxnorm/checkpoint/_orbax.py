@@ -132,6 +132,10 @@ class AsyncCheckpointer:
     Memory: while a save is in flight, each process holds two host copies of its shards
     (orbax's, to write, and jaxnorm's, to hash).
 
+    Use one open checkpointer per directory. A second one in the same process (or
+    :func:`save_checkpoint`) first waits for the saves of the first: orbax's start-up
+    deletes the temporary directories of unfinished saves, which must not be live ones.
+
     Args:
       ckpt_dir: directory of the run's checkpoints (created if missing).
       keep: if given, after each committed save delete all but the ``keep`` newest
