@@ -13,6 +13,7 @@ Examples::
     python -m benchmarks                                   # the full table
     python -m benchmarks --op layer_norm --shape 8192,1024 --dtype float32 --direction fwd
     python -m benchmarks --models                          # whole-model train steps only
+    python -m benchmarks --dyt                             # DyT vs LayerNorm rows only
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-torch", action="store_true", help="skip the torch column")
     parser.add_argument("--models", action="store_true", help="whole-model rows only")
     parser.add_argument("--no-models", action="store_true", help="skip whole-model rows")
+    parser.add_argument("--dyt", action="store_true", help="DyT vs LayerNorm rows only")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args(argv)
 
     info = machine_info()
     rows = []
-    if not args.models:
+    if not args.models and not args.dyt:
         for op in args.op or sorted(OPS):
             shapes = SHAPES[OPS[op].family]
             if args.shape:
@@ -66,14 +68,32 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         rows.append(row)
                         print(format_rows([row], header=len(rows) == 1), flush=True)
+    dyt_rows = []
+    if args.dyt or not (args.op or args.shape or args.dtype or args.direction or args.models):
+        from benchmarks.dyt import run_dyt_rows
+
+        shapes = [tuple(int(d) for d in sh.split(",")) for sh in args.shape or []]
+        dyt_rows = run_dyt_rows(
+            shapes=shapes or None,
+            dtypes=args.dtype,
+            directions=args.direction,
+            repeats=args.repeats,
+            min_time=args.min_time,
+            with_torch=not args.no_torch,
+        )
     model_rows = []
-    if not args.no_models and not (args.op or args.shape or args.dtype or args.direction):
+    if (
+        not args.no_models
+        and not args.dyt
+        and not (args.op or args.shape or args.dtype or args.direction)
+    ):
         from benchmarks.models import run_model_rows
 
         model_rows = run_model_rows(repeats=max(5, args.repeats // 2))
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind.replace(" ", "_")
-    out = Path(args.out) if args.out else Path("benchmarks/results") / f"{backend}-{device}.json"
+    name = f"{backend}-{device}{'-dyt' if args.dyt else ''}.json"
+    out = Path(args.out) if args.out else Path("benchmarks/results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": info,
@@ -81,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "argv": sys.argv[1:] if argv is None else argv,
         "rows": rows,
         "model_rows": model_rows,
+        "dyt_rows": dyt_rows,
     }
     out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -201,3 +201,21 @@ def test_dyt_modules_accept_and_ignore_a_mask_and_keep_bf16():
     np.testing.assert_array_equal(
         np.asarray(layer.apply(variables, x, mask=mask), np.float32), np.asarray(y, np.float32)
     )
+
+
+def test_dyt_benchmark_row_records_every_column_and_ratio(tmp_path):
+    """The registration in python -m benchmarks (structure only: no timing is asserted)."""
+    import json
+
+    from benchmarks.__main__ import main
+
+    out = tmp_path / "dyt.json"
+    argv = ["--dyt", "--shape", "64,32", "--dtype", "float32", "--direction", "fwd_bwd"]
+    main([*argv, "--repeats", "2", "--min-time", "0.001", "--out", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["rows"] == [] and payload["model_rows"] == []
+    (row,) = payload["dyt_rows"]
+    assert (row["shape"], row["dtype"], row["direction"]) == ([64, 32], "float32", "fwd_bwd")
+    assert set(row["timing"]) == {"dyt", "layer_norm", "flax_ln", "torch_dyt", "torch_ln", "copy"}
+    for key in ("dyt/layer_norm", "dyt/flax_ln", "layer_norm/flax_ln", "torch_dyt/torch_ln"):
+        assert row["ratios"][key] > 0
