@@ -775,3 +775,26 @@ def test_nnx_tensor_parallel_modules_under_shard_map(data, kind):
         )
         y = jax.jit(f)(state, put(x, mesh, *row), put(mask, mesh, *row))
     assert_close(y, y_ref, Y_ATOL, 1e-6)
+
+
+# ------------------------------------------------- the synchronization benchmark's columns
+
+
+def test_sync_benchmark_columns_run_the_same_step():
+    """benchmarks/sync.py times like with like: its jit and ``axis_name`` columns take
+    the same train step as flax's BatchNorm with ``axis_name`` (data near mean 0, where
+    flax's variance is exact); its per-device column takes another."""
+    from benchmarks.sync import build_steps
+
+    columns = ("flax_sync", "jaxnorm_jit", "jaxnorm_sync", "jaxnorm_local")
+    steps = build_steps(devices=DEVICES, batch=2 * DEVICES, image=8, columns=columns)
+    outs = {column: step(*args) for column, (step, args) in steps.items()}
+    params, stats, _, loss = outs["flax_sync"]  # the outside reference: flax's BatchNorm
+    for column in ("jaxnorm_jit", "jaxnorm_sync"):
+        p, s, _, l_ = outs[column]
+        np.testing.assert_allclose(float(l_), float(loss), rtol=1e-5, err_msg=column)
+        for got, want in zip(
+            jax.tree.leaves((p, s)), jax.tree.leaves((params, stats)), strict=True
+        ):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-5)
+    assert abs(float(outs["jaxnorm_local"][3]) - float(loss)) > 1e-3  # another model
