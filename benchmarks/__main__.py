@@ -14,6 +14,11 @@ Examples::
     python -m benchmarks --op layer_norm --shape 8192,1024 --dtype float32 --direction fwd
     python -m benchmarks --models                          # whole-model train steps only
     python -m benchmarks --dyt                             # DyT vs LayerNorm rows only
+    python -m benchmarks --sync                            # synchronized BN rows only
+
+The synchronization rows (:mod:`benchmarks.sync`: the data-parallel CNN step on 8 virtual
+CPU devices with synchronized, jit-global and per-device BatchNorm, jaxnorm and flax) run
+in a child process, since the device count is fixed when jax starts.
 """
 
 from __future__ import annotations
@@ -42,12 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", action="store_true", help="whole-model rows only")
     parser.add_argument("--no-models", action="store_true", help="skip whole-model rows")
     parser.add_argument("--dyt", action="store_true", help="DyT vs LayerNorm rows only")
+    parser.add_argument("--sync", action="store_true", help="synchronized BN rows only")
+    parser.add_argument("--no-sync", action="store_true", help="skip synchronized BN rows")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args(argv)
 
     info = machine_info()
+    filtered = bool(args.op or args.shape or args.dtype or args.direction)
+    only = args.models or args.dyt or args.sync
     rows = []
-    if not args.models and not args.dyt:
+    if not (args.models or args.dyt or args.sync):
         for op in args.op or sorted(OPS):
             shapes = SHAPES[OPS[op].family]
             if args.shape:
@@ -69,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                         rows.append(row)
                         print(format_rows([row], header=len(rows) == 1), flush=True)
     dyt_rows = []
-    if args.dyt or not (args.op or args.shape or args.dtype or args.direction or args.models):
+    if args.dyt or not (args.op or args.shape or args.dtype or args.direction or only):
         from benchmarks.dyt import run_dyt_rows
 
         shapes = [tuple(int(d) for d in sh.split(",")) for sh in args.shape or []]
@@ -85,14 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     if (
         not args.no_models
         and not args.dyt
+        and not args.sync
         and not (args.op or args.shape or args.dtype or args.direction)
     ):
         from benchmarks.models import run_model_rows
 
         model_rows = run_model_rows(repeats=max(5, args.repeats // 2))
+    sync_rows = []
+    if args.sync or not (args.no_sync or only or filtered):
+        from benchmarks.sync import run_sync_rows_subprocess
+
+        sync_rows = run_sync_rows_subprocess(repeats=max(5, args.repeats // 2))
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind.replace(" ", "_")
-    name = f"{backend}-{device}{'-dyt' if args.dyt else ''}.json"
+    suffix = "-dyt" if args.dyt else "-sync" if args.sync else ""
+    name = f"{backend}-{device}{suffix}.json"
     out = Path(args.out) if args.out else Path("benchmarks/results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -102,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "model_rows": model_rows,
         "dyt_rows": dyt_rows,
+        "sync_rows": sync_rows,
     }
     out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")

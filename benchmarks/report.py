@@ -96,6 +96,31 @@ def markdown_model_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def markdown_sync_table(rows: list[dict]) -> str:
+    """The README table of synchronization costs: ratios first, then median step times."""
+    out = [
+        "| devices | global batch | jaxnorm sync/local | jaxnorm jit/local | flax sync/local "
+        "| sync jaxnorm/flax | jit jaxnorm/flax | step ms jaxnorm jit / sync / local "
+        "| step ms flax jit / sync / local |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        q, t = r["ratios"], r["timing"]
+
+        def ms(impl: str, t=t) -> str:
+            return " / ".join(
+                f"{t[f'{impl}_{how}']['median_s'] * 1e3:.1f}" for how in ("jit", "sync", "local")
+            )
+
+        out.append(
+            f"| {r['devices']} | {r['global_batch']} | {q['jaxnorm sync/local']:.2f} | "
+            f"{q['jaxnorm jit/local']:.2f} | {q['flax sync/local']:.2f} | "
+            f"{q['sync jaxnorm/flax']:.2f} | {q['jit jaxnorm/flax']:.2f} | {ms('jaxnorm')} | "
+            f"{ms('flax')} |"
+        )
+    return "\n".join(out)
+
+
 if __name__ == "__main__":  # python -m benchmarks.report benchmarks/results/cpu-cpu.json
     import json
     import sys
@@ -106,3 +131,6 @@ if __name__ == "__main__":  # python -m benchmarks.report benchmarks/results/cpu
     if data.get("model_rows"):
         print()
         print(markdown_model_table(data["model_rows"]))
+    if data.get("sync_rows"):
+        print()
+        print(markdown_sync_table(data["sync_rows"]))
