@@ -7,8 +7,9 @@ Two models share one pre-norm block:
 * `TransformerClassifier`: a bidirectional encoder over padded verses that pools the real
   tokens into one label, for ``padding``.
 
-A third, `CharTransformer` (``powernorm_lm``), is a decoder-only character model whose norm is
-LayerNorm, BatchNorm or :class:`jaxnorm.variants_linen.PowerNorm`.
+A third, `CharTransformer` (``powernorm_lm``, ``qk_norm``, ``dyt``), is a decoder-only character
+model whose norm is LayerNorm, BatchNorm, :class:`jaxnorm.variants_linen.PowerNorm`, RMSNorm,
+Dynamic Tanh (`DyT`) or none, with optional QK-norm (:func:`jaxnorm.qk_norm`) in its attention.
 
 Every normalization comes from `Norm`, which picks one of `NORM_KINDS`:
 
@@ -37,12 +38,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import jaxnorm
 import jaxnorm.linen as jnn
 import jaxnorm.variants_linen as vnn
 
 NormKind = Literal["layernorm", "rmsnorm", "batchnorm", "batchnorm_masked", "none"]
 NORM_KINDS: tuple[NormKind, ...] = ("layernorm", "rmsnorm", "batchnorm", "batchnorm_masked", "none")
-CHAR_TRANSFORMER_NORMS = ("layernorm", "batchnorm", "powernorm")  # CharTransformer's norms
+CHAR_TRANSFORMER_NORMS = ("layernorm", "batchnorm", "powernorm")  # powernorm_lm's variants
+# Every norm CharTransformer accepts.
+CHAR_TRANSFORMER_ALL_NORMS = (*CHAR_TRANSFORMER_NORMS, "rmsnorm", "dyt", "none")
+QK_NORM_KINDS = ("layer", "rms")  # CausalSelfAttention's qk_norm (None: no QK-norm)
 
 # How figures and reports name and colour every norm of the language models.
 NORM_LABELS = {
@@ -51,6 +56,7 @@ NORM_LABELS = {
     "batchnorm": "BatchNorm",
     "batchnorm_masked": "BatchNorm + mask",
     "powernorm": "PowerNorm",
+    "dyt": "DyT",
     "none": "no norm",
 }
 NORM_COLORS = {
@@ -59,6 +65,7 @@ NORM_COLORS = {
     "batchnorm": "tab:red",
     "batchnorm_masked": "tab:purple",
     "powernorm": "tab:green",
+    "dyt": "tab:orange",
     "none": "tab:gray",
 }
 
@@ -253,9 +260,19 @@ class TransformerClassifier(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention over ``(batch, time, d_model)``."""
+    """Multi-head causal self-attention over ``(batch, time, d_model)``, optionally QK-normed.
 
-    n_heads: int
+    With ``qk_norm`` set, queries and keys are normalized per head over ``head_dim`` by
+    :func:`jaxnorm.qk_norm` (``"layer"``: LayerNorm, ``"rms"``: RMSNorm, each with a learnable
+    ``(head_dim,)`` gain shared by the heads, initialized to 1) before
+    ``logits = q . k / sqrt(head_dim)``. When the ``intermediates`` collection is mutable, the
+    largest ``|logit|`` over the causal (query, key) pairs of the batch and every head is sown
+    as ``attn_logit_max`` (a scalar); otherwise nothing extra is computed.
+    """
+
+    n_heads: int  # attention heads (d_model must be divisible by it)
+    qk_norm: str | None = None  # None, or "layer"/"rms": normalize q and k per head (QK-norm)
+    qk_epsilon: float = 1e-6  # QK-norm epsilon (flax's normalize_qk uses 1e-6)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -264,11 +281,42 @@ class CausalSelfAttention(nn.Module):
         dh = d // self.n_heads
         qkv = nn.Dense(3 * d, use_bias=False)(x).reshape(b, t, 3, self.n_heads, dh)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.qk_norm is not None:
+            if self.qk_norm not in QK_NORM_KINDS:
+                raise ValueError(
+                    f"CausalSelfAttention: qk_norm must be None or one of {QK_NORM_KINDS}, "
+                    f"got {self.qk_norm!r}"
+                )
+            q_scale = self.param("q_norm_scale", nn.initializers.ones, (dh,))
+            k_scale = self.param("k_norm_scale", nn.initializers.ones, (dh,))
+            q, k = jaxnorm.qk_norm(
+                q, k, q_scale, k_scale, kind=self.qk_norm, epsilon=self.qk_epsilon
+            )
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
         causal = jnp.tril(jnp.ones((t, t), bool))
+        if self.is_mutable_collection("intermediates"):
+            self.sow("intermediates", "attn_logit_max", jnp.max(jnp.where(causal, abs(logits), 0)))
         weights = jax.nn.softmax(jnp.where(causal, logits, -1e9), axis=-1)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
         return nn.Dense(d, use_bias=False)(out)
+
+
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al., 2025): ``scale * tanh(alpha * x) + bias`` via :func:`jaxnorm.dyt`.
+
+    ``alpha`` is one learnable scalar (initialized to ``alpha_init``); ``scale`` (ones) and
+    ``bias`` (zeros) are per feature, over the last axis.
+    """
+
+    alpha_init: float = 0.5  # initial alpha (the paper's default; language models tune it)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``scale * tanh(alpha * x) + bias`` of ``x`` ``(..., features)``."""
+        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return jaxnorm.dyt(x, alpha, scale, bias)
 
 
 class CharTransformer(nn.Module):
@@ -276,8 +324,10 @@ class CharTransformer(nn.Module):
 
     Every norm (two per block and the final one) is the same kind: ``"layernorm"``
     (:class:`jaxnorm.linen.LayerNorm`), ``"batchnorm"`` (:class:`jaxnorm.linen.BatchNorm`
-    over batch x time, running statistics in evaluation) or ``"powernorm"``
-    (:class:`jaxnorm.variants_linen.PowerNorm`).
+    over batch x time, running statistics in evaluation), ``"powernorm"``
+    (:class:`jaxnorm.variants_linen.PowerNorm`), ``"rmsnorm"`` (:class:`jaxnorm.linen.RMSNorm`),
+    ``"dyt"`` (`DyT`, alpha initialized to ``dyt_alpha``) or ``"none"`` (identity).
+    ``qk_norm`` adds QK-norm to every attention layer (`CausalSelfAttention`).
 
     Attributes:
       vocab_size: number of token ids.
@@ -286,9 +336,11 @@ class CharTransformer(nn.Module):
       n_layers: blocks.
       n_heads: attention heads.
       mlp_ratio: MLP hidden width / ``d_model``.
-      norm: the norm kind, one of `CHAR_TRANSFORMER_NORMS`.
+      norm: the norm kind, one of `CHAR_TRANSFORMER_ALL_NORMS`.
       bn_momentum: BatchNorm momentum.
       pn_momentum: PowerNorm momentum (forward and backward).
+      qk_norm: None, or the QK-norm kind (``"layer"``/``"rms"``) of every attention layer.
+      dyt_alpha: initial alpha of every `DyT` (``norm="dyt"`` only).
     """
 
     vocab_size: int
@@ -300,6 +352,8 @@ class CharTransformer(nn.Module):
     norm: str
     bn_momentum: float = 0.99
     pn_momentum: float = 0.9
+    qk_norm: str | None = None
+    dyt_alpha: float = 0.5
 
     def _norm(self, x: jax.Array, train: bool, name: str) -> jax.Array:
         if self.norm == "layernorm":
@@ -312,8 +366,14 @@ class CharTransformer(nn.Module):
             return vnn.PowerNorm(momentum=self.pn_momentum, name=name)(
                 x, use_running_average=not train
             )
+        if self.norm == "rmsnorm":
+            return jnn.RMSNorm(name=name)(x)
+        if self.norm == "dyt":
+            return DyT(self.dyt_alpha, name=name)(x)
+        if self.norm == "none":
+            return x
         raise ValueError(
-            f"CharTransformer: unknown norm {self.norm!r}; choose from {CHAR_TRANSFORMER_NORMS}"
+            f"CharTransformer: unknown norm {self.norm!r}; choose from {CHAR_TRANSFORMER_ALL_NORMS}"
         )
 
     @nn.compact
@@ -323,7 +383,7 @@ class CharTransformer(nn.Module):
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (self.context, self.d_model))
         x = nn.Embed(self.vocab_size, self.d_model)(ids) + pos[None, :t]
         for i in range(self.n_layers):
-            x = x + CausalSelfAttention(self.n_heads, name=f"attn_{i}")(
+            x = x + CausalSelfAttention(self.n_heads, self.qk_norm, name=f"attn_{i}")(
                 self._norm(x, train, f"norm_attn_{i}")
             )
             h = self._norm(x, train, f"norm_mlp_{i}")
