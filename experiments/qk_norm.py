@@ -73,7 +73,7 @@ class QKNormConfig:
     mlp_ratio: int = 4  # MLP hidden width / d_model
     context: int = 64  # characters per training window
     batch_size: int = 16  # windows per step
-    steps: int = 400  # optimizer steps per lane (the same token budget for every lane)
+    steps: int = 300  # optimizer steps per lane (the same token budget for every lane)
     warmup_frac: float = 0.1  # linear warm-up as a fraction of the steps, then cosine decay
     end_lr_frac: float = 0.1  # the cosine ends at this fraction of each lane's peak lr
     b1: float = 0.9  # Adam beta1 (the paper's)
