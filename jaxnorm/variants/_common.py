@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
+from jaxnorm.stats import stat_dtype
 
 # ------------------------------------------------------------------------- helpers
 
@@ -107,3 +108,31 @@ def _concrete_float(value: Any) -> float | None:
         return float(value)
     except TypeError:
         return None
+
+
+class _Running(NamedTuple):
+    """A batch-stats variant's checked layout, and its parameters and running statistics
+    in the statistics dtype, shaped to broadcast against ``x``."""
+
+    lay: _Layout
+    sd: Any  # the statistics dtype, >= float32
+    scale: jax.Array | None
+    bias: jax.Array | None
+    mean: jax.Array
+    var: jax.Array
+
+
+def _running(fn, x, stats, scale, bias, *, axis, epsilon, mask, dtype, momentum) -> _Running:
+    """Validate the arguments of a variant that keeps :class:`jaxnorm.BatchStats`."""
+    lay = _layout(fn, x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype)
+    _checks.check_stats(fn, stats, lay.feature_shape, lay.desc)
+    _checks.check_momentum(fn, momentum)
+    sd = stat_dtype(x.dtype)
+    return _Running(
+        lay,
+        sd,
+        _feature(scale, lay.bshape, sd),
+        _feature(bias, lay.bshape, sd),
+        _feature(stats.mean, lay.bshape, sd),
+        _feature(stats.var, lay.bshape, sd),
+    )

@@ -14,12 +14,11 @@ from jaxnorm import _checks
 from jaxnorm._checks import Axes
 from jaxnorm.functional import batch_norm, mask_safe
 from jaxnorm.state import BatchStats, update_batch_stats
-from jaxnorm.stats import AxisName, Moments, moments, stat_dtype
+from jaxnorm.stats import AxisName, Moments, moments
 from jaxnorm.variants._common import (
     _affine,
     _check_one_value,
-    _feature,
-    _layout,
+    _running,
 )
 
 # -------------------------------------------------------------------- ghost BN
@@ -116,14 +115,10 @@ def ghost_batch_norm(
     """
     fn = "ghost_batch_norm"
     _checks.check_training_flag(fn, training)
-    lay = _layout(fn, x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype)
-    _checks.check_stats(fn, stats, lay.feature_shape, lay.desc)
-    _checks.check_momentum(fn, momentum)
-    sd = stat_dtype(x.dtype)
-    scale_b = _feature(scale, lay.bshape, sd)
-    bias_b = _feature(bias, lay.bshape, sd)
-    run_mean = _feature(stats.mean, lay.bshape, sd)
-    run_var = _feature(stats.var, lay.bshape, sd)
+    lay, sd, scale_b, bias_b, run_mean, run_var = _running(
+        fn, x, stats, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype,
+        momentum=momentum,
+    )  # fmt: skip
 
     if not training:
         return batch_norm(

@@ -14,13 +14,12 @@ from jaxnorm import _checks
 from jaxnorm._checks import Axes
 from jaxnorm.functional import batch_norm, mask_safe
 from jaxnorm.state import BatchStats, update_batch_stats
-from jaxnorm.stats import AxisName, Moments, moments, stat_dtype
+from jaxnorm.stats import AxisName, Moments, moments
 from jaxnorm.variants._common import (
     _affine,
     _check_one_value,
     _concrete_float,
-    _feature,
-    _layout,
+    _running,
 )
 
 # ------------------------------------------------------------------ batch renorm
@@ -206,15 +205,11 @@ def batch_renorm(
     """
     fn = "batch_renorm"
     _checks.check_training_flag(fn, training)
-    lay = _layout(fn, x, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype)
-    _checks.check_stats(fn, stats, lay.feature_shape, lay.desc)
-    _checks.check_momentum(fn, momentum)
+    lay, sd, scale_b, bias_b, run_mean, run_var = _running(
+        fn, x, stats, scale, bias, axis=axis, epsilon=epsilon, mask=mask, dtype=dtype,
+        momentum=momentum,
+    )  # fmt: skip
     _check_renorm_limits(fn, r_max, d_max)
-    sd = stat_dtype(x.dtype)
-    scale_b = _feature(scale, lay.bshape, sd)
-    bias_b = _feature(bias, lay.bshape, sd)
-    run_mean = _feature(stats.mean, lay.bshape, sd)
-    run_var = _feature(stats.var, lay.bshape, sd)
 
     if not training:
         return batch_norm(
