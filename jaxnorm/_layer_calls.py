@@ -8,7 +8,8 @@ so the call reads them the same way in both; the base passes what is decided per
 
 Batch-norm family: ``_normalize(x, stats, scale, bias, **call) -> (y, new_stats)``,
 ``stats`` read by :func:`stats_for_input`. Per-sample norms:
-``_normalize(x, scale, bias, *, mask, dtype) -> y``.
+``_normalize(x, scale, bias, *, mask, dtype) -> y``. Fused residual add + norm:
+``_add_normalize(x, residual, scale, bias, *, dtype) -> (y, new_residual)``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.nn import initializers
 
 from jaxnorm.functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from jaxnorm.functional.adaptive import conditional_batch_norm
 from jaxnorm.functional.dyt import dyt
 from jaxnorm.functional.qk import qk_norm
+from jaxnorm.functional.residual import add_layer_norm, add_rms_norm
 from jaxnorm.variants import (
     batch_renorm,
     frozen_batch_norm,
@@ -104,14 +107,28 @@ class FrozenBatchNormCall:
         return frozen_batch_norm(x, stats, scale, bias, mask=mask, dtype=dtype, **settings)
 
 
+def scale_init_for(scale_init: Any, scale_offset: Any) -> Any:
+    """The initializer a layer with ``scale_offset`` uses for ``scale``.
+
+    flax's default (``initializers.ones``) is read as "the multiplier
+    ``scale_offset + scale`` starts at 1", so with ``scale_offset=1.0`` ``scale``
+    starts at zeros, as Gemma's ``GemmaRMSNorm`` and TransformerEngine's
+    ``zero_centered_gamma`` do (generally ``constant(1 - scale_offset)``). Any other
+    initializer is used as given (pass ``initializers.constant(1.0)`` for ones).
+    """
+    offset_is_number = isinstance(scale_offset, (int, float)) and not isinstance(scale_offset, bool)
+    if not offset_is_number or scale_offset == 0 or scale_init is not initializers.ones:
+        return scale_init  # a bad offset is refused by the functional call
+    return initializers.zeros if scale_offset == 1 else initializers.constant(1.0 - scale_offset)
+
+
 class LayerNormCall:
     """:func:`jaxnorm.layer_norm` over ``reduction_axes``, params on ``feature_axes``."""
 
     def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
         axes = dict(axis=self.reduction_axes, feature_axis=self.feature_axes)
-        return layer_norm(
-            x, scale, bias, epsilon=self.epsilon, mask=mask, dtype=dtype, **axes, **_devices(self)
-        )
+        own = _settings(self, "epsilon", "scale_offset")
+        return layer_norm(x, scale, bias, mask=mask, dtype=dtype, **own, **axes, **_devices(self))
 
 
 class RMSNormCall:
@@ -120,9 +137,8 @@ class RMSNormCall:
     def _normalize(self, x, scale, bias, *, mask, dtype) -> jax.Array:
         del bias
         axes = dict(axis=self.reduction_axes, feature_axis=self.feature_axes)
-        return rms_norm(
-            x, scale, epsilon=self.epsilon, mask=mask, dtype=dtype, **axes, **_devices(self)
-        )
+        own = _settings(self, "epsilon", "scale_offset", "cast_order")
+        return rms_norm(x, scale, mask=mask, dtype=dtype, **own, **axes, **_devices(self))
 
 
 class GroupNormCall:
@@ -199,3 +215,26 @@ class QKNormCall:
             k_bias=k_bias,
             dtype=dtype,
         )
+
+
+_ADD = ("epsilon", "residual_dtype", "scale_offset")  # the fused add + norm settings
+
+
+class AddLayerNormCall:
+    """:func:`jaxnorm.add_layer_norm`: ``(y, new_residual)``."""
+
+    def _add_normalize(self, x, residual, scale, bias, *, dtype):
+        axes = dict(axis=self.reduction_axes, feature_axis=self.feature_axes)
+        return add_layer_norm(
+            x, residual, scale, bias, dtype=dtype, **_settings(self, *_ADD), **axes
+        )
+
+
+class AddRMSNormCall:
+    """:func:`jaxnorm.add_rms_norm`: ``(y, new_residual)`` (no bias: always ``None``)."""
+
+    def _add_normalize(self, x, residual, scale, bias, *, dtype):
+        del bias
+        axes = dict(axis=self.reduction_axes, feature_axis=self.feature_axes)
+        own = _settings(self, *_ADD, "cast_order")
+        return add_rms_norm(x, residual, scale, dtype=dtype, **own, **axes)

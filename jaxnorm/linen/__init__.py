@@ -47,6 +47,7 @@ from jaxnorm.linen.batch_norm import BatchNorm
 from jaxnorm.linen.dyt import DyT
 from jaxnorm.linen.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from jaxnorm.linen.qk import QKNorm, qk_norm_attention
+from jaxnorm.linen.residual import AddLayerNorm, AddRMSNorm
 from jaxnorm.linen.variants import (
     BatchRenorm,
     FrozenBatchNorm,
@@ -58,6 +59,8 @@ from jaxnorm.linen.weights import SpectralNorm, WeightNorm
 
 __all__ = [
     "AdaLNZero",
+    "AddLayerNorm",
+    "AddRMSNorm",
     "BatchNorm",
     "BatchRenorm",
     "ConditionalBatchNorm",

@@ -17,11 +17,29 @@ from jax.nn import initializers
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
-from jaxnorm._layer_calls import GroupNormCall, InstanceNormCall, LayerNormCall, RMSNormCall
+from jaxnorm._layer_calls import (
+    GroupNormCall,
+    InstanceNormCall,
+    LayerNormCall,
+    RMSNormCall,
+    scale_init_for,
+)
+from jaxnorm.functional.per_sample import CastOrder
 from jaxnorm.linen._base import _PerSampleNorm
 
 
-class LayerNorm(LayerNormCall, _PerSampleNorm):
+class _ZeroCentredScale:
+    """``scale`` initialized for the layer's ``scale_offset`` (see
+    :func:`jaxnorm._layer_calls.scale_init_for`: zeros for ``scale_offset=1.0``)."""
+
+    @nn.nowrap
+    def _param_of(self, name: str, init: Initializer, shape: tuple[int, ...]) -> jax.Array:
+        if name == "scale":
+            init = scale_init_for(init, self.scale_offset)
+        return super()._param_of(name, init, shape)
+
+
+class LayerNorm(LayerNormCall, _ZeroCentredScale, _PerSampleNorm):
     """Layer normalization; mirrors ``flax.linen.LayerNorm``, via :func:`jaxnorm.layer_norm`.
 
     .. math::
@@ -41,13 +59,17 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
       use_bias: add a learned ``bias``.
       use_scale: multiply by a learned ``scale``.
       bias_init: initializer for ``bias``.
-      scale_init: initializer for ``scale``.
+      scale_init: initializer for ``scale``; the default (ones) starts the multiplier
+        ``scale_offset + scale`` at 1, so ``scale`` starts at zeros when
+        ``scale_offset=1.0`` (TransformerEngine's ``zero_centered_gamma``).
       reduction_axes: axes the statistics run over (default the last).
       feature_axes: axes that carry ``scale``/``bias`` (default the last).
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
       use_fast_variance: accepted for compatibility and ignored.
       force_float32_reductions: accepted for compatibility and ignored (always >= f32).
+      scale_offset: constant added to ``scale`` in float32: the output is
+        ``x_hat * (scale_offset + scale) + bias`` (``1.0``: the zero-centred ``1 + w``).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
@@ -71,9 +93,10 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    scale_offset: float = 0.0
 
 
-class RMSNorm(RMSNormCall, _PerSampleNorm):
+class RMSNorm(RMSNormCall, _ZeroCentredScale, _PerSampleNorm):
     """RMS normalization; mirrors ``flax.linen.RMSNorm``, via :func:`jaxnorm.rms_norm`.
 
     .. math::
@@ -83,18 +106,34 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
     over ``reduction_axes`` of each sample. Variables ``params/scale`` as in flax.
     Difference from flax: output dtype ``dtype or x.dtype``.
 
+    Gemma's RMSNorm is ``RMSNorm(scale_offset=1.0)`` (its ``scale`` starts at zeros);
+    Llama's is ``RMSNorm(cast_order="cast_then_scale", param_dtype=jnp.bfloat16)`` for
+    a bf16 model (see :func:`jaxnorm.rms_norm`).
+
     Attributes:
       epsilon: added to the mean square.
       dtype: output dtype; ``None`` keeps the input's dtype.
       param_dtype: dtype of ``scale``.
       use_scale: multiply by a learned ``scale``.
-      scale_init: initializer for ``scale``.
+      scale_init: initializer for ``scale``; the default (ones) starts the multiplier
+        ``scale_offset + scale`` at 1, so ``scale`` starts at zeros when
+        ``scale_offset=1.0`` (as Gemma's ``GemmaRMSNorm``).
       reduction_axes: axes the statistic runs over (default the last).
       feature_axes: axes that carry ``scale`` (default the last).
       axis_name: optional named axis to also reduce across.
       axis_index_groups: device groups for ``axis_name``.
       use_fast_variance: accepted for compatibility and ignored.
       force_float32_reductions: accepted for compatibility and ignored (always >= f32).
+      scale_offset: constant added to ``scale`` in float32 (``1.0``: Gemma's ``1 + w``).
+      cast_order: ``"scale_then_cast"`` (Gemma's, flax's) or ``"cast_then_scale"``
+        (Llama's: ``x_hat`` rounded to the output dtype before the scale).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnn
+      >>> gemma_norm = jnn.RMSNorm(scale_offset=1.0)
+      >>> v = gemma_norm.init(jax.random.key(0), jnp.ones((1, 3)))
+      >>> v["params"]["scale"].tolist()  # the multiplier 1 + scale starts at 1
+      [0.0, 0.0, 0.0]
     """
 
     epsilon: float = 1e-6
@@ -108,6 +147,8 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    scale_offset: float = 0.0
+    cast_order: CastOrder = "scale_then_cast"
 
 
 class GroupNorm(GroupNormCall, _PerSampleNorm):

@@ -53,6 +53,7 @@ from jaxnorm.nnx.batch_norm import BatchNorm
 from jaxnorm.nnx.dyt import DyT
 from jaxnorm.nnx.per_sample import GroupNorm, InstanceNorm, LayerNorm, RMSNorm
 from jaxnorm.nnx.qk import QKNorm, QKNormAttention
+from jaxnorm.nnx.residual import AddLayerNorm, AddRMSNorm
 from jaxnorm.nnx.variants import (
     BatchRenorm,
     FrozenBatchNorm,
@@ -65,6 +66,8 @@ from jaxnorm.nnx.weights import SpectralNorm, WeightNorm
 
 __all__ = [
     "AdaLNZero",
+    "AddLayerNorm",
+    "AddRMSNorm",
     "BatchNorm",
     "BatchRenorm",
     "ConditionalBatchNorm",

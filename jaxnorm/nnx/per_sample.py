@@ -18,7 +18,14 @@ from flax.typing import Dtype, Initializer, PromoteDtypeFn
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
-from jaxnorm._layer_calls import GroupNormCall, InstanceNormCall, LayerNormCall, RMSNormCall
+from jaxnorm._layer_calls import (
+    GroupNormCall,
+    InstanceNormCall,
+    LayerNormCall,
+    RMSNormCall,
+    scale_init_for,
+)
+from jaxnorm.functional.per_sample import CastOrder
 from jaxnorm.nnx._base import _NO_METADATA, _arguments, _errors_at, _name, _PerSampleNorm
 
 
@@ -37,7 +44,9 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
       use_bias: add a learned ``bias``.
       use_scale: multiply by a learned ``scale``.
       bias_init: initializer for ``bias``.
-      scale_init: initializer for ``scale``.
+      scale_init: initializer for ``scale``; the default (ones) starts the multiplier
+        ``scale_offset + scale`` at 1, so ``scale`` starts at zeros when
+        ``scale_offset=1.0`` (TransformerEngine's ``zero_centered_gamma``).
       reduction_axes: axes the statistics run over (default the last).
       feature_axes: axes carrying ``scale``/``bias`` (default the last).
       axis_name: optional named axis to also reduce across.
@@ -47,6 +56,8 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
+      scale_offset: constant added to ``scale`` in float32: the output is
+        ``x_hat * (scale_offset + scale) + bias`` (``1.0``: the zero-centred ``1 + w``).
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
@@ -76,7 +87,9 @@ class LayerNorm(LayerNormCall, _PerSampleNorm):
         rngs: nnx.Rngs,
         bias_metadata: Mapping[str, Any] = _NO_METADATA,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_offset: float = 0.0,
     ):
+        scale_init = scale_init_for(scale_init, scale_offset)
         super().__init__(**_arguments(locals()))
 
 
@@ -87,13 +100,20 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
     multiplied by ``scale`` on ``feature_axes``. Difference from flax: output dtype
     ``dtype or x.dtype``.
 
+    Gemma's RMSNorm is ``RMSNorm(d, scale_offset=1.0)`` (its ``scale`` starts at
+    zeros); Llama's is ``RMSNorm(d, cast_order="cast_then_scale")``, which rounds
+    ``x_hat`` to the output dtype (``dtype or`` the input's, taken before
+    ``promote_dtype``) before the scale (see :func:`jaxnorm.rms_norm`).
+
     Args:
       num_features: number of features (product of the ``feature_axes`` sizes).
       epsilon: added to the mean square.
       dtype: output dtype; ``None`` keeps the input's dtype.
       param_dtype: dtype of ``scale``.
       use_scale: multiply by a learned ``scale``.
-      scale_init: initializer for ``scale``.
+      scale_init: initializer for ``scale``; the default (ones) starts the multiplier
+        ``scale_offset + scale`` at 1, so ``scale`` starts at zeros when
+        ``scale_offset=1.0`` (as Gemma's ``GemmaRMSNorm``).
       reduction_axes: axes the statistic runs over (default the last).
       feature_axes: axes carrying ``scale`` (default the last).
       axis_name: optional named axis to also reduce across.
@@ -102,6 +122,9 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
       promote_dtype: as flax, applied to ``(x, scale)`` and ``dtype`` first.
       rngs: random generators for the parameter initializer.
       scale_metadata: extra metadata for the ``scale`` Param.
+      scale_offset: constant added to ``scale`` in float32 (``1.0``: Gemma's ``1 + w``).
+      cast_order: ``"scale_then_cast"`` (Gemma's, flax's) or ``"cast_then_scale"``
+        (Llama's).
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm.nnx as jnnx
@@ -128,7 +151,10 @@ class RMSNorm(RMSNormCall, _PerSampleNorm):
         promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
         rngs: nnx.Rngs,
         scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        scale_offset: float = 0.0,
+        cast_order: CastOrder = "scale_then_cast",
     ):
+        scale_init = scale_init_for(scale_init, scale_offset)
         super().__init__(**_arguments(locals()))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
