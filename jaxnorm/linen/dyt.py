@@ -24,9 +24,10 @@ class DyT(DyTCall, _PerSampleNorm):
     scalar ``alpha`` (``params/alpha``, shape ``()``, initialized to ``alpha_init``)
     and the per-channel ``scale`` (ones) and ``bias`` (zeros) on ``feature_axes``, as
     the paper's ``DynamicTanh`` (whose ``alpha`` has shape ``(1,)``, ``weight`` is our
-    ``scale``). The paper uses ``alpha_init=0.5`` for vision models and tunes it for
-    language models, smaller for wider models (its Table 11-12), hence the field. A
-    ``mask`` is accepted and ignored: DyT has no statistics.
+    ``scale``). The paper keeps ``alpha_init=0.5`` for most models but tunes it for
+    language models (smaller for wider models; a larger value for the DyT layers in
+    attention blocks than for the others), hence the field. A ``mask`` is accepted
+    and ignored: DyT has no statistics.
 
     Attributes:
       alpha_init: the initial ``alpha``.

@@ -27,9 +27,10 @@ class DyT(DyTCall, _PerSampleNorm):
     learnable scalar Param ``alpha`` (shape ``()``, initialized to ``alpha_init``) and
     per-channel ``scale`` (ones) and ``bias`` (zeros) of shape ``(num_features,)`` on
     ``feature_axes``, as the paper's ``DynamicTanh`` (whose ``alpha`` has shape
-    ``(1,)``; its ``weight`` is our ``scale``). The paper uses ``alpha_init=0.5`` for
-    vision models and tunes it for language models (smaller for wider models), hence
-    the argument. A ``mask`` is accepted and ignored: DyT has no statistics.
+    ``(1,)``; its ``weight`` is our ``scale``). The paper keeps ``alpha_init=0.5`` for
+    most models but tunes it for language models (smaller for wider models; a larger
+    value in attention blocks than elsewhere), hence the argument. A ``mask`` is
+    accepted and ignored: DyT has no statistics.
 
     Args:
       num_features: number of features (product of the ``feature_axes`` sizes).
