@@ -4,15 +4,19 @@ transformers and float64 NumPy."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from jax.test_util import check_grads
 
 import jaxnorm
+import jaxnorm.linen as jnn
+import jaxnorm.nnx as jnnx
 
 # ----------------------------------------------------------------------------- references
 
@@ -224,3 +228,110 @@ def test_refusals_name_the_fix():
         jaxnorm.rms_norm(x, jnp.ones(4), cast_order="llama")
     with pytest.raises(ValueError, match="scale has shape"):
         jaxnorm.rms_norm(x, jnp.ones(3), scale_offset=1.0)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _linen_apply(module, x, scale):
+    return module.apply({"params": {"scale": scale}}, x)
+
+
+def _nnx_with_scale(module, scale):
+    module.scale[...] = scale
+    return module
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_modules_with_offset_start_scale_at_zeros_as_gemma_and_te(api):
+    x = jnp.ones((2, 6))
+    if api == "linen":
+        rms = jnn.RMSNorm(scale_offset=1.0).init(jax.random.key(0), x)["params"]["scale"]
+        ln = jnn.LayerNorm(scale_offset=1.0).init(jax.random.key(0), x)["params"]
+        plain = jnn.RMSNorm().init(jax.random.key(0), x)["params"]["scale"]
+        half = jnn.RMSNorm(scale_offset=0.5).init(jax.random.key(0), x)["params"]["scale"]
+        given = jnn.RMSNorm(scale_offset=1.0, scale_init=nn.initializers.constant(0.25))
+        given = given.init(jax.random.key(0), x)["params"]["scale"]
+    else:
+        rms = jnnx.RMSNorm(6, scale_offset=1.0, rngs=nnx.Rngs(0)).scale[...]
+        layer = jnnx.LayerNorm(6, scale_offset=1.0, rngs=nnx.Rngs(0))
+        ln = {"scale": layer.scale[...], "bias": layer.bias[...]}
+        plain = jnnx.RMSNorm(6, rngs=nnx.Rngs(0)).scale[...]
+        half = jnnx.RMSNorm(6, scale_offset=0.5, rngs=nnx.Rngs(0)).scale[...]
+        given = jnnx.RMSNorm(
+            6, scale_offset=1.0, scale_init=nnx.initializers.constant(0.25), rngs=nnx.Rngs(0)
+        ).scale[...]
+    np.testing.assert_array_equal(rms, np.zeros(6))  # torch.zeros(dim), as GemmaRMSNorm
+    np.testing.assert_array_equal(ln["scale"], np.zeros(6))  # TE's zero_centered_gamma
+    np.testing.assert_array_equal(ln["bias"], np.zeros(6))
+    np.testing.assert_array_equal(plain, np.ones(6))  # flax's default is unchanged
+    np.testing.assert_array_equal(half, np.full(6, 0.5))  # the multiplier starts at 1
+    np.testing.assert_array_equal(given, np.full(6, 0.25))  # an explicit init is kept
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_gemma_rms_norm_module_matches_torch_in_bf16(api):
+    xt, wt, x, w = _bf16_data(seed=10)
+    ref = gemma_rms_norm_forward(xt, wt, 1e-6).float().numpy()
+    if api == "linen":
+        y = _linen_apply(jnn.RMSNorm(scale_offset=1.0, param_dtype=jnp.bfloat16), x, w)
+    else:
+        m = jnnx.RMSNorm(x.shape[-1], scale_offset=1.0, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        y = _nnx_with_scale(m, w)(x)
+    assert y.dtype == jnp.bfloat16
+    ulps = bf16_ulps(y, ref)
+    assert ulps.max() <= 1 and (ulps == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+@pytest.mark.parametrize("param_dtype", [jnp.bfloat16, jnp.float32])
+def test_llama_rms_norm_module_matches_torch_in_bf16(api, param_dtype):
+    xt, wt, x, w = _bf16_data(seed=11)
+    # With float32 weights torch's product is float32; our output keeps x's dtype, so
+    # the reference is that product rounded to bf16 (with bf16 weights it is bf16 already).
+    wt = wt.to(torch.float32) if param_dtype == jnp.float32 else wt
+    ref = llama_rms_norm_forward(xt, wt, 1e-6).to(torch.bfloat16).float().numpy()
+    w = w.astype(param_dtype)
+    if api == "linen":
+        module = jnn.RMSNorm(cast_order="cast_then_scale", param_dtype=param_dtype)
+        y = _linen_apply(module, x, w)
+    else:
+        # flax's promote_dtype hands the layer a float32 x here; the cast still goes to
+        # the output dtype, bf16.
+        m = jnnx.RMSNorm(
+            x.shape[-1], cast_order="cast_then_scale", param_dtype=param_dtype, rngs=nnx.Rngs(0)
+        )
+        y = _nnx_with_scale(m, w)(x)
+    assert y.dtype == jnp.bfloat16
+    ulps = bf16_ulps(y, ref)
+    assert ulps.max() <= 1 and (ulps == 0).mean() > 0.99
+
+
+@pytest.mark.parametrize("api", ["linen", "nnx"])
+def test_modules_pass_offset_to_the_functional_op(api):
+    rng = np.random.default_rng(12)
+    x = jnp.asarray(rng.normal(0.5, 2.0, (4, 3, 8)), jnp.float32)
+    w = jnp.asarray(rng.normal(0.0, 0.2, 8), jnp.float32)
+    b = jnp.asarray(rng.normal(0.0, 0.2, 8), jnp.float32)
+    if api == "linen":
+        ln = jnn.LayerNorm(scale_offset=1.0).apply({"params": {"scale": w, "bias": b}}, x)
+        rms = _linen_apply(jnn.RMSNorm(scale_offset=1.0, cast_order="cast_then_scale"), x, w)
+    else:
+        layer = jnnx.LayerNorm(8, scale_offset=1.0, rngs=nnx.Rngs(0))
+        layer.scale[...], layer.bias[...] = w, b
+        ln = layer(x)
+        m = jnnx.RMSNorm(8, scale_offset=1.0, cast_order="cast_then_scale", rngs=nnx.Rngs(0))
+        rms = _nnx_with_scale(m, w)(x)
+    np.testing.assert_array_equal(ln, jaxnorm.layer_norm(x, w, b, scale_offset=1.0))
+    np.testing.assert_allclose(np.asarray(ln), np_layer_norm(x, w, b, 1.0, 1e-6), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(rms), np_rms_norm(x, w, 1.0, 1e-6), atol=1e-5)
+
+
+def test_module_refusals_carry_the_module_name():
+    x = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"jaxnorm\.linen\.RMSNorm.*no scale was given"):
+        jnn.RMSNorm(use_scale=False, scale_offset=1.0).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"jaxnorm\.nnx\.LayerNorm.*no scale was given"):
+        jnnx.LayerNorm(4, use_scale=False, scale_offset=1.0, rngs=nnx.Rngs(0))(x)
+    with pytest.raises(ValueError, match=r"jaxnorm\.nnx\.RMSNorm.*cast_order must be one of"):
+        jnnx.RMSNorm(4, cast_order="gemma", rngs=nnx.Rngs(0))(x)

@@ -9,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx  # noqa: F401
+from flax import nnx
 from jax.test_util import check_grads
 
 import jaxnorm
-import jaxnorm.linen as jnn  # noqa: F401
-import jaxnorm.nnx as jnnx  # noqa: F401
+import jaxnorm.linen as jnn
+import jaxnorm.nnx as jnnx
 
 EPS = 1e-5
 KINDS = ["rms", "layer"]
@@ -323,3 +323,146 @@ def test_refusals_name_the_fix():
         jaxnorm.add_rms_norm(x, x, jnp.ones(4), cast_order="gemma")
     with pytest.raises(TypeError, match="epsilon must be a Python number"):
         jax.jit(lambda e: jaxnorm.add_rms_norm(x, x, epsilon=e))(1e-5)
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+def _linen(kind, **kw):
+    return (jnn.AddRMSNorm if kind == "rms" else jnn.AddLayerNorm)(epsilon=EPS, **kw)
+
+
+def _nnx(kind, d, **kw):
+    cls = jnnx.AddRMSNorm if kind == "rms" else jnnx.AddLayerNorm
+    return cls(d, epsilon=EPS, rngs=nnx.Rngs(0), **kw)
+
+
+def _nnx_params(module):
+    names = ("scale",) if isinstance(module, jnnx.AddRMSNorm) else ("scale", "bias")
+    return {n: getattr(module, n)[...] for n in names}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", ["f32", "bf16+f32 residual"])
+def test_modules_equal_the_functional_op_and_the_float64_reference(kind, stream):
+    x, r, w, b = _data(seed=20)
+    x = jnp.asarray(x, jnp.bfloat16 if stream != "f32" else jnp.float32)
+    r = jnp.asarray(r)
+    kw = dict(residual_dtype=jnp.float32, scale_offset=1.0)
+    params = {"scale": jnp.asarray(w - 1.0)}
+    if kind == "layer":
+        params["bias"] = jnp.asarray(b)
+    want = fused(kind, x, r, *params.values(), **kw)
+    lin = _linen(kind, **kw).apply({"params": params}, x, r)
+    m = _nnx(kind, x.shape[-1], **kw)
+    for name, value in params.items():
+        getattr(m, name)[...] = value
+    out = m(x, r)
+    for got in (lin, out):
+        assert [a.dtype for a in got] == [x.dtype, jnp.float32]
+        for a, c in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(c, np.float32))
+    ref_y, ref_h = np_add_norm(
+        np.asarray(x, np.float32), np.asarray(r), w, None if kind == "rms" else b, kind=kind
+    )
+    tol = 1e-5 if stream == "f32" else 2**-8
+    np.testing.assert_allclose(np.asarray(lin[0], np.float64), ref_y, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(lin[1]), ref_h, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_variables_are_those_of_the_plain_norm(kind):
+    """``AddRMSNorm``'s variables are ``RMSNorm``'s (likewise for layer norm): a plain
+    norm applied to ``h`` with them gives ``y``; with scale_offset the scale starts at 0."""
+    x, r, _, _ = _data(seed=21)
+    x, r = jnp.asarray(x), jnp.asarray(r)
+    add = _linen(kind)
+    variables = add.init(jax.random.key(0), x, r)
+    plain = (jnn.RMSNorm if kind == "rms" else jnn.LayerNorm)(epsilon=EPS)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+        jnp.shape, plain.init(jax.random.key(0), x)
+    )
+    y, h = add.apply(variables, x, r)
+    np.testing.assert_array_equal(y, plain.apply(variables, h))
+    zero = _linen(kind, scale_offset=1.0).init(jax.random.key(0), x, r)["params"]["scale"]
+    np.testing.assert_array_equal(zero, np.zeros(x.shape[-1]))
+    np.testing.assert_array_equal(_nnx(kind, x.shape[-1], scale_offset=1.0).scale[...], zero)
+    # NNX state: the Params of the plain NNX norm.
+    m = _nnx(kind, x.shape[-1])
+    plain_nnx = (jnnx.RMSNorm if kind == "rms" else jnnx.LayerNorm)(
+        x.shape[-1], epsilon=EPS, rngs=nnx.Rngs(0)
+    )
+    assert jax.tree.map(jnp.shape, nnx.state(m, nnx.Param)) == jax.tree.map(
+        jnp.shape, nnx.state(plain_nnx, nnx.Param)
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_module_gradients_equal_the_functional_ops(kind):
+    x, r, w, b = _data(seed=22)
+    x, r = jnp.asarray(x), jnp.asarray(r)
+    params = {"scale": jnp.asarray(w)}
+    if kind == "layer":
+        params["bias"] = jnp.asarray(b)
+
+    def loss(y_h):
+        y, h = y_h
+        return jnp.sum(y**3) + jnp.sum(jnp.cos(h))
+
+    add = _linen(kind)
+    g_lin = jax.grad(lambda p, x, r: loss(add.apply({"params": p}, x, r)), argnums=(0, 1, 2))(
+        params, x, r
+    )
+    m = _nnx(kind, x.shape[-1])
+    for name, value in params.items():
+        getattr(m, name)[...] = value
+    g_nnx = nnx.grad(lambda m, x, r: loss(m(x, r)), argnums=(0, 1, 2))(m, x, r)
+    g_fn = jax.grad(
+        lambda p, x, r: loss(fused(kind, x, r, p["scale"], p.get("bias"))), argnums=(0, 1, 2)
+    )(params, x, r)
+    for name in params:
+        np.testing.assert_array_equal(g_lin[0][name], g_fn[0][name])
+        np.testing.assert_array_equal(g_nnx[0][name][...], g_fn[0][name])
+    for i in (1, 2):
+        np.testing.assert_array_equal(g_lin[i], g_fn[i])
+        np.testing.assert_array_equal(g_nnx[i], g_fn[i])
+
+
+def test_pre_norm_block_threads_the_residual_stream():
+    """Two pre-norm sublayers: the stream carries x + f(norm(x)) + g(norm(...)), as the
+    unfused block written with RMSNorm and explicit adds."""
+    x, _, _, _ = _data(seed=23)
+    x = jnp.asarray(x)
+
+    class Fused(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            y, r = jnn.AddRMSNorm(residual_dtype=jnp.float32)(x, None)
+            y, r = jnn.AddRMSNorm(residual_dtype=jnp.float32)(jnp.tanh(y), r)
+            return jnp.sin(y) + r
+
+    class Unfused(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            r = x
+            y = nn.RMSNorm()(r)
+            r = jnp.tanh(y) + r
+            y = nn.RMSNorm()(r)
+            return jnp.sin(y) + r
+
+    v = Fused().init(jax.random.key(0), x)
+    names = {"AddRMSNorm_0": "RMSNorm_0", "AddRMSNorm_1": "RMSNorm_1"}
+    v_unfused = {"params": {names[k]: p for k, p in v["params"].items()}}
+    np.testing.assert_allclose(
+        Fused().apply(v, x), Unfused().apply(v_unfused, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_module_refusals_carry_the_module_name():
+    x = jnp.ones((2, 4))
+    with pytest.raises(ValueError, match=r"jaxnorm\.linen\.AddRMSNorm at '/'.*residual has"):
+        jnn.AddRMSNorm().init(jax.random.key(0), x, jnp.ones((1, 4)))
+    with pytest.raises(ValueError, match=r"jaxnorm\.nnx\.AddLayerNorm: num_features=3"):
+        jnnx.AddLayerNorm(3, rngs=nnx.Rngs(0))(x, x)
+    with pytest.raises(ValueError, match=r"jaxnorm\.nnx\.AddRMSNorm.*no scale was given"):
+        jnnx.AddRMSNorm(4, use_scale=False, scale_offset=1.0, rngs=nnx.Rngs(0))(x, x)
