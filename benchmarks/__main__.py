@@ -15,8 +15,9 @@ Examples::
     python -m benchmarks --models                          # whole-model train steps only
     python -m benchmarks --dyt                             # DyT vs LayerNorm rows only
     python -m benchmarks --sync                            # synchronized BN rows only
+    python -m benchmarks --residual                        # fused add + norm rows only
 
-The synchronization rows (:mod:`benchmarks.sync`: the data-parallel CNN step on 8 virtual
+The synchronization rows (:mod:`benchmarks.sync`: the data-parallel CNN step on 8 and 2 virtual
 CPU devices with synchronized, jit-global and per-device BatchNorm, jaxnorm and flax) run
 in a child process, since the device count is fixed when jax starts.
 """
@@ -48,15 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-models", action="store_true", help="skip whole-model rows")
     parser.add_argument("--dyt", action="store_true", help="DyT vs LayerNorm rows only")
     parser.add_argument("--sync", action="store_true", help="synchronized BN rows only")
+    parser.add_argument("--residual", action="store_true", help="fused add + norm rows only")
     parser.add_argument("--no-sync", action="store_true", help="skip synchronized BN rows")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
     args = parser.parse_args(argv)
 
     info = machine_info()
     filtered = bool(args.op or args.shape or args.dtype or args.direction)
-    only = args.models or args.dyt or args.sync
+    only = args.models or args.dyt or args.sync or args.residual
     rows = []
-    if not (args.models or args.dyt or args.sync):
+    if not only:
         for op in args.op or sorted(OPS):
             shapes = SHAPES[OPS[op].family]
             if args.shape:
@@ -100,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.models import run_model_rows
 
         model_rows = run_model_rows(repeats=max(5, args.repeats // 2))
+    residual_rows = []
+    if args.residual or not (only or filtered):
+        from benchmarks.residual import run_residual_rows
+
+        shapes = [tuple(int(d) for d in sh.split(",")) for sh in args.shape or []]
+        residual_rows = run_residual_rows(
+            shapes=shapes or None,
+            directions=args.direction,
+            repeats=args.repeats,
+            min_time=args.min_time,
+        )
     sync_rows = []
     if args.sync or not (args.no_sync or only or filtered):
         from benchmarks.sync import run_sync_rows_subprocess
@@ -108,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = jax.default_backend()
     device = jax.devices()[0].device_kind.replace(" ", "_")
     suffix = "-dyt" if args.dyt else "-sync" if args.sync else ""
+    suffix = "-residual" if args.residual else suffix
     name = f"{backend}-{device}{suffix}.json"
     out = Path(args.out) if args.out else Path("benchmarks/results") / name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -119,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_rows": model_rows,
         "dyt_rows": dyt_rows,
         "sync_rows": sync_rows,
+        "residual_rows": residual_rows,
     }
     out.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     print(f"wrote {out}")

@@ -1,8 +1,9 @@
 """Synchronization rows: what synchronized BatchNorm costs in a data-parallel train step.
 
 The step is the whole-model CNN of :mod:`benchmarks.models` (three Conv-BN-ReLU blocks,
-MNIST-shaped batch) with the global batch split over ``devices`` devices (8 virtual CPU
-devices by default), one column per way of running it, all timed interleaved in one run:
+MNIST-shaped batch) with the global batch split over ``devices`` devices (rows for 8 and
+for 2 virtual CPU devices by default), one column per way of running it, all timed
+interleaved in one run:
 
 * ``jaxnorm_jit`` / ``flax_jit``: plain ``jax.jit`` over the batch sharded on a mesh; the
   batch statistics are global because XLA inserts the reduction (no ``axis_name``);
@@ -21,13 +22,16 @@ same state each call (as in :mod:`benchmarks.models`).
 On a CPU host with fewer devices than asked, ``python -m benchmarks.sync`` re-launches
 itself with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the flag must be set
 before jax starts). Virtual devices share the host's cores, so on CPU these ratios
-measure the extra work and collectives that synchronization adds to the program, not a
-network.
+measure the work and collectives that synchronization adds to the program, not a network;
+and with more virtual devices than cores they also measure thread scheduling (on 2 cores,
+8 devices that never wait for each other in the forward pass ran slower than 8 that
+synchronize at every BatchNorm), which is why a row with as many devices as cores comes
+with it.
 
 Examples::
 
-    python -m benchmarks.sync                         # 8 devices, global batch 128
-    python -m benchmarks.sync --batch 512 --repeats 11
+    python -m benchmarks.sync                         # 8 and 2 devices, global batch 128
+    python -m benchmarks.sync --devices 8 --batch 512 --repeats 11
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from benchmarks.ops import time_interleaved
 from benchmarks.report import machine_info
 
 DEVICES = 8
+DEVICE_ROWS = (8, 2)  # one row per device count; the process makes max(...) devices
 COLUMNS = (
     "jaxnorm_jit",
     "jaxnorm_sync",
@@ -180,12 +185,12 @@ def _numpy_variables(model: nn.Module, x: np.ndarray) -> dict:
 def run_sync_rows(
     repeats: int = 9,
     min_time: float = 0.05,
-    devices: int = DEVICES,
+    device_rows: tuple[int, ...] = DEVICE_ROWS,
     batches: tuple[int, ...] = (128,),
 ) -> list[dict]:
-    """Time every column for each global batch size; print and return the rows."""
+    """Time every column for each device count and global batch; print and return the rows."""
     rows = []
-    for batch in batches:
+    for devices, batch in ((n, b) for n in device_rows for b in batches):
         steps = build_steps(devices, batch)
         compiled, compile_s = {}, {}
         for column, (step, args) in steps.items():
@@ -213,10 +218,10 @@ def run_sync_rows(
 def run_sync_rows_subprocess(
     repeats: int = 9,
     min_time: float = 0.05,
-    devices: int = DEVICES,
+    device_rows: tuple[int, ...] = DEVICE_ROWS,
     batches: tuple[int, ...] = (128,),
 ) -> list[dict]:
-    """:func:`run_sync_rows` in a fresh process with ``devices`` virtual CPU devices.
+    """:func:`run_sync_rows` in a fresh process with ``max(device_rows)`` CPU devices.
 
     For callers whose jax has already started with fewer devices (``python -m
     benchmarks``); the child prints its rows as it goes.
@@ -225,10 +230,11 @@ def run_sync_rows_subprocess(
         out = Path(tmp) / "sync.json"
         cmd = [
             sys.executable, "-m", "benchmarks.sync", "--repeats", str(repeats),
-            "--min-time", str(min_time), "--devices", str(devices), "--out", str(out),
+            "--min-time", str(min_time), "--out", str(out),
+            *(a for n in device_rows for a in ("--devices", str(n))),
             *(a for b in batches for a in ("--batch", str(b))),
         ]  # fmt: skip
-        subprocess.run(cmd, check=True, env=_cpu_env(devices))
+        subprocess.run(cmd, check=True, env=_cpu_env(max(device_rows)))
         return json.loads(out.read_text(encoding="utf-8"))["sync_rows"]
 
 
@@ -255,24 +261,27 @@ def format_sync_row(row: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sync", description=__doc__)
-    parser.add_argument("--devices", type=int, default=DEVICES)
+    parser.add_argument(
+        "--devices", type=int, action="append", help="devices of a row (repeatable; 8 and 2)"
+    )
     parser.add_argument("--batch", type=int, action="append", help="global batch (repeatable)")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per row")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
     parser.add_argument("--out", default=None, help="JSON path (default: print only)")
     args = parser.parse_args(argv)
     batches = tuple(args.batch or (128,))
-    if jax.device_count() < args.devices:
-        if _cpu_env(args.devices)["XLA_FLAGS"] == os.environ.get("XLA_FLAGS"):
-            raise SystemExit(f"{args.devices} virtual CPU devices were asked for but not made")
+    device_rows = tuple(args.devices or DEVICE_ROWS)
+    need = max(device_rows)
+    if jax.device_count() < need:
+        if _cpu_env(need)["XLA_FLAGS"] == os.environ.get("XLA_FLAGS"):
+            raise SystemExit(f"{need} virtual CPU devices were asked for but not made")
         print(
-            f"jax sees {jax.device_count()} device(s); re-running with {args.devices} "
-            f"virtual CPU devices",
+            f"jax sees {jax.device_count()} device(s); re-running with {need} virtual CPU devices",
             flush=True,
         )
         cmd = [sys.executable, "-m", "benchmarks.sync", *(sys.argv[1:] if argv is None else argv)]
-        return subprocess.run(cmd, env=_cpu_env(args.devices)).returncode
-    rows = run_sync_rows(args.repeats, args.min_time, args.devices, batches)
+        return subprocess.run(cmd, env=_cpu_env(need)).returncode
+    rows = run_sync_rows(args.repeats, args.min_time, device_rows, batches)
     if args.out:
         payload = {"machine": machine_info(), "sync_rows": rows}
         Path(args.out).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
