@@ -444,3 +444,191 @@ def test_to_torch_refuses_a_flax_layer_torch_cannot_hold_and_round_trips_untrack
     fresh = torch.nn.Sequential(torch.nn.BatchNorm1d(3, track_running_stats=False))
     fresh.load_state_dict(back, strict=True)
     np.testing.assert_array_equal(_n(fresh[0].weight), [1.0, 2.0, 3.0])
+
+
+# ------------------------------------------- weight_norm / spectral_norm (jaxnorm #14)
+
+_P = torch.nn.utils.parametrizations
+
+
+def _wn_sn_torch(api: str = "parametrizations", dim: int | None = 0) -> torch.nn.Sequential:
+    """spectral_norm(Conv2d) -> ReLU -> Flatten -> weight_norm(Linear), seeded, g off ||v||."""
+    torch.manual_seed(0)
+    if api == "parametrizations":
+        sn, wn = _P.spectral_norm, _P.weight_norm
+    else:
+        sn, wn = torch.nn.utils.spectral_norm, torch.nn.utils.weight_norm
+    with pytest.warns(FutureWarning) if api == "hooks" else _no_warning():
+        tm = torch.nn.Sequential(
+            sn(torch.nn.Conv2d(3, 4, 3, padding=1), n_power_iterations=2),
+            torch.nn.ReLU(),
+            torch.nn.Flatten(),
+            wn(torch.nn.Linear(4 * 5 * 5, 6), dim=dim),
+        )
+    g = tm[3].parametrizations.weight.original0 if api == "parametrizations" else tm[3].weight_g
+    with torch.no_grad():
+        g.mul_(3.0)
+    return tm
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class FlaxWnSn(nn.Module):
+    """The torch model above in NHWC, compact: Conv_0 in SpectralNorm_0, Dense_0 in
+    WeightNorm_0; flattened as torch does (C, H, W)."""
+
+    sn: Any  # jt.preset(torch layer) kwargs
+    wn: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, update_stats: bool = False) -> jax.Array:
+        x = jnn.SpectralNorm(nn.Conv(4, (3, 3), padding=1), **self.sn)(x, update_stats=update_stats)
+        x = nn.relu(x).transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+        return jnn.WeightNorm(nn.Dense(6), **self.wn)(x)
+
+
+def _x_wn(seed: int = 5) -> torch.Tensor:
+    return torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "hooks"])
+@pytest.mark.parametrize("dim", [0, None])
+def test_weight_and_spectral_norm_layers_give_torch_eval_outputs_and_round_trip(api, dim):
+    tm = _wn_sn_torch(api, dim).eval()
+    presets = dict(sn=jt.preset(tm[0]), wn=jt.preset(tm[3]))
+    assert presets["sn"] == {"use_stored_sigma": True, "n_steps": 2, "epsilon": 1e-12}
+    assert presets["wn"] == {"feature_axes": -1 if dim == 0 else None, "epsilon": 0.0}
+    model = FlaxWnSn(**presets)
+    x = _x_wn()
+    like = _shapes(model, _nhwc(x))
+    variables = jt.from_torch(tm, "compact", like=like)
+    chex.assert_trees_all_equal(variables, jt.from_torch(tm.state_dict(), "compact"))
+    chex.assert_trees_all_close(model.apply(variables, _nhwc(x)), _n(tm(x)), **TOL)
+    # The jaxnorm variables go back into a fresh torch model, strictly, in its key style.
+    back = jt.to_torch(variables, "compact", template=tm)
+    assert sorted(back) == sorted(tm.state_dict())
+    tm2 = _wn_sn_torch(api, dim)
+    tm2.load_state_dict(back, strict=True)
+    tm2.eval()
+    for key, value in tm.state_dict().items():
+        if key == "0.weight_v":  # the hooks' v is a half-step behind u: not recoverable
+            w = _n(tm[0].weight_orig).astype(np.float64).reshape(4, -1)
+            ref = w.T @ _n(tm[0].weight_u).astype(np.float64)
+            np.testing.assert_allclose(_n(back[key]), ref / np.linalg.norm(ref), atol=1e-6)
+            continue
+        np.testing.assert_allclose(_n(tm2.state_dict()[key]), _n(value), atol=1e-6, err_msg=key)
+    if api == "parametrizations":  # _v = normalize(W^T _u): what torch holds after a step
+        np.testing.assert_allclose(_n(tm2(x)), _n(tm(x)), **TOL)
+
+
+@pytest.mark.parametrize("api", ["parametrizations", "hooks"])
+def test_spectral_norm_training_step_continues_torchs_power_iteration(api):
+    """From torch's state our training step's new u is the one torch's training forward
+    computes. The deprecated hooks iterate as flax (v, then u; sigma = u.Wv): the same
+    sigma and output. torch's parametrization starts from _v (u, then v): its sigma is
+    u_new.W v_new, ours u_new.W v_ours with v_ours one half-step earlier."""
+    tm = _wn_sn_torch(api)
+    hooks = api == "hooks"
+    w_t = tm[0].weight_orig if hooks else tm[0].parametrizations.weight.original
+    u_old = (tm[0].weight_u if hooks else tm[0].parametrizations.weight[0]._u).clone()
+    model = FlaxWnSn(sn=jt.preset(tm[0]), wn=jt.preset(tm[3]))
+    variables = jt.from_torch(tm, "compact")
+    x = _x_wn()
+    y, updates = model.apply(variables, _nhwc(x), update_stats=True, mutable=["batch_stats"])
+    tm.train()
+    y_torch = tm(x)  # n_power_iterations=2 steps
+    u_new = tm[0].weight_u if hooks else tm[0].parametrizations.weight[0]._u
+    ours = updates["batch_stats"]["SpectralNorm_0"]
+    np.testing.assert_allclose(ours["Conv_0/kernel/u"][0], _n(u_new), atol=1e-6)
+    w = _n(w_t).astype(np.float64).reshape(4, -1)
+    if hooks:
+        v_new = _n(tm[0].weight_v).astype(np.float64)
+        np.testing.assert_allclose(ours["Conv_0/kernel/sigma"], _n(u_new) @ w @ v_new, rtol=1e-5)
+        np.testing.assert_allclose(y, _n(y_torch), **TOL)
+        return
+    # Ours from u_old: v1 = N(W^T u_old) (torch's _v), u1, v2, u2 = torch's new _u.
+    v_ours = w.T @ (w @ (w.T @ _n(u_old).astype(np.float64)))  # v2, unnormalized
+    v_ours /= np.linalg.norm(v_ours)
+    sigma = _n(u_new).astype(np.float64) @ w @ v_ours
+    np.testing.assert_allclose(ours["Conv_0/kernel/sigma"], sigma, rtol=1e-5)
+
+
+def test_weight_and_spectral_norm_setup_style_names_and_nnx():
+    """mapping=None: torch's 'fc' is a setup-style wrapper 'fc' holding fc/layer_instance;
+    and the same values drive the NNX wrappers."""
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(2)
+            self.fc = _P.weight_norm(torch.nn.Linear(5, 4))
+            self.out = _P.spectral_norm(torch.nn.Linear(4, 3))
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.fc(x)))
+
+    class FlaxNet(nn.Module):
+        presets: Any
+
+        def setup(self):
+            self.fc = jnn.WeightNorm(nn.Dense(4), **self.presets["fc"])
+            self.out = jnn.SpectralNorm(nn.Dense(3), **self.presets["out"])
+
+        def __call__(self, x):
+            return self.out(jnp.tanh(self.fc(x)), update_stats=False)
+
+    tm = TorchNet().eval()
+    presets = {"fc": jt.preset(tm.fc), "out": jt.preset(tm.out)}
+    model = FlaxNet(presets=presets)
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(4))
+    variables = jt.from_torch(tm, like=_shapes(model, jnp.asarray(_n(x))))
+    assert sorted(variables["params"]["fc"]) == ["layer_instance", "layer_instance/kernel/scale"]
+    chex.assert_trees_all_close(model.apply(variables, jnp.asarray(_n(x))), _n(tm(x)), **TOL)
+    tm2 = TorchNet()
+    tm2.load_state_dict(jt.to_torch(variables), strict=True)  # names alone give torch's keys
+    np.testing.assert_allclose(_n(tm2.eval()(x)), _n(tm(x)), **TOL)
+
+    from flax import nnx
+
+    import jaxnorm.nnx as jnnx
+
+    fc = jnnx.WeightNorm(nnx.Linear(5, 4, rngs=nnx.Rngs(0)), **presets["fc"], rngs=nnx.Rngs(0))
+    out = jnnx.SpectralNorm(
+        nnx.Linear(4, 3, rngs=nnx.Rngs(0)), **presets["out"], update_stats=False, rngs=nnx.Rngs(0)
+    )
+    for wrapper, name in ((fc, "fc"), (out, "out")):
+        params = variables["params"][name]["layer_instance"]
+        wrapper.layer_instance.kernel[...] = params["kernel"]
+        wrapper.layer_instance.bias[...] = params["bias"]
+    fc.scales[("kernel",)][...] = variables["params"]["fc"]["layer_instance/kernel/scale"]
+    stats = variables["batch_stats"]["out"]
+    out.batch_stats[("kernel", "u")][...] = stats["layer_instance/kernel/u"]
+    out.batch_stats[("kernel", "sigma")][...] = stats["layer_instance/kernel/sigma"]
+    y = out(jnp.tanh(fc(jnp.asarray(_n(x)))))
+    np.testing.assert_allclose(np.asarray(y), _n(tm(x)), **TOL)
+
+
+def test_weight_and_spectral_norm_conversion_errors_teach():
+    lin = _P.orthogonal(torch.nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="parametrization other than a single weight_norm"):
+        jt.from_torch(torch.nn.Sequential(lin))
+    with pytest.raises(ValueError, match=r"spectral_norm over dim=1.*Use dim=0"):
+        jt.from_torch(torch.nn.Sequential(_P.spectral_norm(torch.nn.Linear(3, 4), dim=1)))
+    tm = _wn_sn_torch()
+    with pytest.raises(ValueError, match=r"wrappers=\{'0': 'path/to/SpectralNorm_0'\}"):
+        jt.from_torch(tm, {"0": "Conv_0", "3": "Dense_0"})
+    v = jt.from_torch(tm, {"0": "Conv_0", "3": "Dense_0"}, wrappers={"0": "SN", "3": "WN"})
+    assert set(v["batch_stats"]["SN"]) == {"Conv_0/kernel/u", "Conv_0/kernel/sigma"}
+    assert set(v["params"]["WN"]) == {"Dense_0/kernel/scale"}
+    incomplete = {k: t for k, t in tm.state_dict().items() if not k.endswith("_v")}
+    with pytest.raises(ValueError, match=r"'0' holds .* not a complete weight_norm"):
+        jt.from_torch(incomplete)
+    v["params"]["WN"]["Dense_0/bias/scale"] = jnp.ones(6)  # variable_filter=None
+    with pytest.raises(TypeError, match="reparametrize only a layer's weight"):
+        jt.to_torch(v, {"0": "Conv_0", "3": "Dense_0"})

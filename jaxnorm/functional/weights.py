@@ -83,15 +83,17 @@ def spectral_normalize(
     as in the paper, flax and torch. This is flax's ``SpectralNorm`` step exactly.
 
     torch's ``torch.nn.utils.parametrizations.spectral_norm(m, n_power_iterations=1,
-    eps=1e-12, dim=0)`` estimates the same :math:`\\sigma` on ``weight.flatten(1)``
-    after moving ``dim`` first: pass the torch weight with ``axis=dim`` and torch's
-    ``_u`` (its length is ``weight.shape[dim]``). It differs in three details: it
-    keeps both vectors, ``_u`` and ``_v``, and a training step starts from ``_v``
+    eps=1e-12, dim=0)`` works on ``weight.flatten(1)`` after moving ``dim`` first, the
+    transpose of our matrix for ``axis=dim``; its ``_u`` (length ``weight.shape[dim]``)
+    is our ``u``. Three details differ: a training step starts from its stored ``_v``
     (``u = normalize(W_t v)``, then ``v = normalize(W_tᵀ u)``, :math:`\\sigma = u^\\top
-    W_t v`), so it stores the half-step that flax recomputes; it normalizes by
-    ``max(‖x‖, eps)`` instead of ``sqrt(‖x‖² + eps)``; and in eval mode it runs no
-    iteration, dividing by :math:`\\sigma = u^\\top W_t v` from the stored vectors (see
-    :func:`divide_by_sigma`). Both iterations converge to the top singular pair.
+    W_t v`), so its :math:`\\sigma` is half a step from ours; it normalizes by
+    ``max(‖x‖, eps)`` instead of ``sqrt(‖x‖² + eps)``; and its eval mode runs no
+    iteration, dividing by :math:`\\sigma = u^\\top W_t v` of the stored vectors (see
+    :func:`divide_by_sigma`). The deprecated ``torch.nn.utils.spectral_norm``
+    (``weight_orig``, ``weight_u``, ``weight_v``) iterates in our order: its training
+    step is this function, up to the ``eps`` formula. All converge to the top singular
+    pair.
 
     Args:
       w: floating weight of rank >= 2 (a Dense or Conv kernel, a torch weight).

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxnorm.interop._torch_weights import split_parametrizations
+
 #: The layer kinds :func:`~jaxnorm.interop.torch.from_torch`, ``to_torch`` and ``compact_mapping``
 #: understand, as accepted by their ``kinds={torch_prefix: kind}`` overrides: ``"conv"``
 #: (``Conv1d/2d/3d``), ``"linear"`` (``Linear``), ``"batch_norm"`` (``BatchNorm1d/2d/3d``,
@@ -81,7 +83,8 @@ _COMPLETE: dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...]] =
 _STAT_NAMES = {"running_mean": "mean", "running_var": "var", "num_batches_tracked": "count"}
 _SUPPORTED = (
     "torch.nn.Conv1d/Conv2d/Conv3d, Linear, BatchNorm1d/2d/3d (and SyncBatchNorm), "
-    "LayerNorm, GroupNorm, RMSNorm, InstanceNorm1d/2d/3d (affine, without running stats)"
+    "LayerNorm, GroupNorm, RMSNorm, InstanceNorm1d/2d/3d (affine, without running stats); "
+    "Conv/Linear weights may carry one weight_norm or spectral_norm"
 )
 
 Mapping_ = None | str | Mapping[str, str | Sequence[str]]
@@ -100,12 +103,17 @@ def _import_torch() -> Any:
 
 @dataclasses.dataclass
 class _Layer:
-    """One torch layer that owns tensors: its prefix, kind, tensors and module."""
+    """One torch layer that owns tensors: its prefix, kind, tensors and module.
+
+    ``param``: the layer's weight_norm/spectral_norm, if any (its ``weight`` in
+    ``tensors`` is then the raw ``v``/``W``; see :mod:`._torch_weights`).
+    """
 
     prefix: str
     kind: str
     tensors: dict[str, Any]
     module: Any = None
+    param: Any = None
 
 
 def _module_kind(torch: Any, module: Any) -> str | None:
@@ -178,6 +186,7 @@ def _layers(fn: str, source: Any, kinds: Mapping[str, str] | None) -> list[_Laye
             f"{fn}: expected a torch.nn.Module or a state_dict (a mapping of names to "
             f"tensors); got {type(source).__name__}."
         )
+    state, params = split_parametrizations(fn, state, modules)
     groups: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
         prefix, _, name = str(key).rpartition(".")
@@ -219,7 +228,12 @@ def _layers(fn: str, source: Any, kinds: Mapping[str, str] | None) -> list[_Laye
                 f"Supported: {_SUPPORTED}. If the kind is wrong, pass kinds={{{prefix!r}: ...}}."
             )
         _check_complete(fn, prefix, kind, set(tensors))
-        layers.append(_Layer(prefix, kind, tensors, module))
+        if prefix in params and kind not in ("conv", "linear"):
+            raise TypeError(
+                f"{fn}: layer {prefix!r} ({kind}) carries a {params[prefix].kind}; jaxnorm's "
+                f"WeightNorm/SpectralNorm conversion covers Conv and Linear weights."
+            )
+        layers.append(_Layer(prefix, kind, tensors, module, params.get(prefix)))
     return layers
 
 
@@ -279,8 +293,12 @@ def _compact_names(fn: str, layers: Sequence[_Layer]) -> dict[str, str]:
 
 def _resolve(fn: str, prefixes: Sequence[str], mapping: Any, layers: Sequence[_Layer]):
     """``{torch_prefix: flax_path_tuple}`` for every prefix, from any mapping form."""
-    if mapping is None:
-        return {p: tuple(p.split(".")) if p else () for p in prefixes}
+    if mapping is None:  # a wrapped layer is its (setup-style) wrapper's layer_instance
+        wrapped = {la.prefix for la in layers if la.param is not None}
+        return {
+            p: (tuple(p.split(".")) if p else ()) + (("layer_instance",) if p in wrapped else ())
+            for p in prefixes
+        }
     if isinstance(mapping, str):
         if mapping != "compact":
             raise ValueError(

@@ -18,6 +18,12 @@ Tensor conventions (torch -> Flax):
   ``num_batches_tracked`` (int64) -> ``batch_stats/count`` (int32) where a count is kept.
 * ``LayerNorm``, ``GroupNorm``, ``RMSNorm``, ``InstanceNorm*d``: ``weight`` ->
   ``params/scale``, ``bias`` -> ``params/bias``.
+* a ``Linear``/``Conv*d`` under ``weight_norm``/``spectral_norm`` (the
+  ``parametrizations`` API or the deprecated hooks): the raw weight (``v``, ``W``) is
+  the layer's ``kernel``; ``g`` becomes the ``scale`` of a ``jaxnorm.linen.WeightNorm``,
+  ``_u`` and torch's eval sigma the ``u``/``sigma`` of a ``jaxnorm.linen.SpectralNorm``
+  (``wrappers=`` says where; :func:`preset` gives the wrapper's arguments). Details in
+  :mod:`jaxnorm.interop._torch_weights`.
 
 Layer kinds and completeness. :data:`KINDS` names the kinds understood here; a
 ``torch.nn.Module`` gives each layer's kind exactly, a bare ``state_dict`` lets it be
@@ -101,6 +107,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm.interop import _torch_weights
 from jaxnorm.interop._torch_layers import (
     _GENERIC_NORM,
     _NORM_KINDS,
@@ -191,6 +198,7 @@ def from_torch(
     kinds: Mapping[str, str] | None = None,
     with_count: bool | None = None,
     like: Mapping[str, Any] | None = None,
+    wrappers: Mapping[str, str | Sequence[str]] | None = None,
 ) -> dict[str, dict]:
     """Flax variables ``{'params', 'batch_stats'}`` from a torch module or state_dict.
 
@@ -220,6 +228,12 @@ def from_torch(
         converted variable must exist there with the same shape, and every
         ``params``/``batch_stats`` variable there must be produced. Values are cast
         to ``like``'s dtypes.
+      wrappers: ``{torch_prefix: flax_path}`` of the ``jaxnorm.linen.WeightNorm``/
+        ``SpectralNorm`` wrapping each torch layer under ``weight_norm``/``spectral_norm``
+        (see :mod:`jaxnorm.interop._torch_weights`). Default: the parent of a layer
+        mapped to ``.../layer_instance`` (``mapping=None`` maps such a layer ``fc`` to
+        ``fc/layer_instance``: ``self.fc = WeightNorm(nn.Dense(...))`` in ``setup``),
+        else with ``'compact'`` the sibling ``WeightNorm_j``/``SpectralNorm_j``.
 
     Returns:
       ``{'params': {...}, 'batch_stats': {...}}`` as nested dicts of ``jax.Array``
@@ -234,6 +248,7 @@ def from_torch(
     fn = "from_torch"
     layers = _layers(fn, source, kinds)
     paths = _resolve(fn, [layer.prefix for layer in layers], mapping, layers)
+    wrapper_at = _torch_weights.wrapper_paths(fn, layers, paths, mapping, wrappers)
     out: dict[str, dict] = {"params": {}, "batch_stats": {}}
     origin: dict[tuple[str, ...], tuple[str, str]] = {}
     for layer in layers:
@@ -259,6 +274,11 @@ def from_torch(
                 collection, flax_name = "params", name
             _set(out[collection], path + (flax_name,), value)
             origin[(collection,) + path + (flax_name,)] = (key, layer.kind)
+        if layer.param is not None:  # the wrapper's variables, named after the layer
+            for collection, name, value, key in _torch_weights.wrapper_entries(layer):
+                full = wrapper_at[layer.prefix] + (f"{path[-1]}/{name}",)
+                _set(out[collection], full, jnp.asarray(value))
+                origin[(collection,) + full] = (key, layer.kind)
         if layer.kind == "batch_norm" and "num_batches_tracked" not in layer.tensors:
             if with_count or (like is not None and _like_has_count(like, path)):
                 _set(out["batch_stats"], path + ("count",), jnp.zeros((), jnp.int32))
@@ -408,6 +428,7 @@ def to_torch(
     fn = "to_torch"
     torch = _import_torch()
     flax_layers = _flax_layers(variables)
+    wrapped = _torch_weights.take_wrappers(fn, flax_layers)
     template_layers = _layers(fn, template, kinds) if template is not None else None
     if template_layers is not None:
         prefixes = [layer.prefix for layer in template_layers]
@@ -420,7 +441,7 @@ def to_torch(
             f"(or its state_dict), or an explicit dict {{torch_prefix: flax_path}}."
         )
     elif mapping is None:
-        to_flax = {".".join(path): path for path in flax_layers}
+        to_flax = {_torch_weights.torch_prefix(path, wrapped): path for path in flax_layers}
         kind_of = {}
     else:
         to_flax = _resolve(fn, list(mapping), mapping, [])
@@ -479,6 +500,10 @@ def to_torch(
             elif "num_batches_tracked" in tpl.tensors:  # absent only in pre-0.4.1 state_dicts
                 state[nbt] = tpl.tensors["num_batches_tracked"].clone()
         _check_complete(fn, prefix, kind, names, flax_path="/".join(path) or "<root>")
+        if path in wrapped:
+            _torch_weights.parametrize(
+                fn, state, dot, wrapped[path], torch, template_of.get(prefix)
+            )
     if template_layers is None:
         return state
     return _match_template(fn, state, template_layers)
@@ -487,7 +512,7 @@ def to_torch(
 def _match_template(fn: str, state: dict[str, Any], layers: Sequence[_Layer]) -> dict[str, Any]:
     expected = {}
     for layer in layers:
-        for name, tensor in layer.tensors.items():
+        for name, tensor in _torch_weights.torch_tensors(layer).items():
             expected[f"{layer.prefix}.{name}" if layer.prefix else name] = (tensor, layer.kind)
     missing = [k for k in expected if k not in state]
     extra = [k for k in state if k not in expected]
@@ -526,6 +551,12 @@ def preset(layer: Any, *, channels_last: bool = True) -> dict[str, Any]:
     * ``RMSNorm(shape, eps)`` -> ``epsilon`` (``eps=None`` is torch's
       ``finfo(float32).eps``, or float64's for a float64 layer).
     * ``InstanceNorm*d(eps, affine)`` -> ``epsilon`` (+ affine flags).
+    * a ``Linear``/``Conv*d`` under ``weight_norm(dim=d)`` -> the
+      ``jaxnorm.linen.WeightNorm``/``jaxnorm.nnx.WeightNorm`` arguments
+      ``feature_axes`` (``d`` in the kernel's layout; -1 for ``d=0``) and
+      ``epsilon=0.0``; under ``spectral_norm`` -> ``SpectralNorm``'s
+      ``use_stored_sigma=True`` (evaluation divides by the sigma torch's eval uses),
+      ``n_steps=n_power_iterations`` and ``epsilon=eps``.
 
     Args:
       layer: a torch norm module.
@@ -549,6 +580,11 @@ def preset(layer: Any, *, channels_last: bool = True) -> dict[str, Any]:
     """
     fn = "preset"
     torch = _import_torch()
+    if isinstance(layer, torch.nn.Module):
+        state, modules = layer.state_dict(), dict(layer.named_modules())
+        found = _torch_weights.split_parametrizations(fn, state, modules)[1].get("")
+        if found is not None:
+            return _torch_weights.wrapper_preset(fn, found, _module_kind(torch, layer))
     kind = _module_kind(torch, layer) if isinstance(layer, torch.nn.Module) else None
     if kind not in _NORM_KINDS:
         raise TypeError(
