@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_models
         and not args.dyt
         and not args.sync
+        and not args.residual
         and not (args.op or args.shape or args.dtype or args.direction)
     ):
         from benchmarks.models import run_model_rows

@@ -466,3 +466,20 @@ def test_module_refusals_carry_the_module_name():
         jnnx.AddLayerNorm(3, rngs=nnx.Rngs(0))(x, x)
     with pytest.raises(ValueError, match=r"jaxnorm\.nnx\.AddRMSNorm.*no scale was given"):
         jnnx.AddRMSNorm(4, use_scale=False, scale_offset=1.0, rngs=nnx.Rngs(0))(x, x)
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_row_records_columns_and_memory():
+    """The harness runs (no timing is asserted); the saved bytes it reports are the
+    deterministic claim: fewer for the fused op than for add + flax's norm."""
+    from benchmarks.residual import COLUMNS, run_residual_row
+
+    row = run_residual_row("rms", (64, 128), "bf16+f32", "fwd_bwd", repeats=2, min_time=0.0)
+    assert set(row["timing"]) == set(COLUMNS)
+    assert all(len(t["samples_s"]) == 2 and t["median_s"] > 0 for t in row["timing"].values())
+    assert set(row["temp_bytes"]) == set(row["saved_bytes"]) == set(COLUMNS)
+    # h (f32) + rstd (f32 per row) + scale: the fused op's whole memory from fwd to bwd.
+    assert row["saved_bytes"]["fused"] == 64 * 128 * 4 + 64 * 4 + 128 * 4
+    assert row["ratios"]["saved fused/flax"] < 1
