@@ -749,8 +749,8 @@ def test_nnx_sharding_metadata(data, kind, mode):
 @pytest.mark.xfail(
     strict=True,
     raises=ValueError,
-    reason="jaxnorm/nnx/_base.py:87 compares x's local features under shard_map with the "
-    "global num_features (flax.nnx's layers take the local shard)",
+    reason="jaxnorm/nnx/_base.py _feature_shape compares x's local features under shard_map "
+    "with the global num_features (flax.nnx's layers take the local shard)",
 )
 @pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
 def test_nnx_tensor_parallel_modules_under_shard_map(data, kind):
