@@ -489,3 +489,23 @@ def test_nnx_errors_teach():
         sn(jnp.ones((1, 3)))
     with pytest.raises(ValueError, match="WeightNorm.*out of range"):
         jnnx.WeightNorm(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), feature_axes=3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("wrapper", ["spectral", "weight"])
+def test_bf16_weights_stay_bf16_where_flax_promotes_them(wrapper):
+    """A deliberate difference: the normalized weight keeps the param's dtype (flax
+    promotes a bf16 kernel with its f32 u/scale, so a Dense with dtype=None computes
+    in f32); the numbers agree to bf16 precision."""
+    pair = (
+        (nn.SpectralNorm, jnn.SpectralNorm)
+        if wrapper == "spectral"
+        else (nn.WeightNorm, jnn.WeightNorm)
+    )
+    layer = lambda: nn.Dense(5, param_dtype=jnp.bfloat16)  # noqa: E731
+    update = dict(update_stats=False) if wrapper == "spectral" else {}
+    theirs, ours = (_Linen1(w, layer, {}) for w in pair)
+    x = jnp.asarray(_normal(0, (3, 4)), jnp.bfloat16)
+    variables = ours.init(jax.random.key(0), x, **update)  # flax's stores an f32 kernel
+    yt, yo = theirs.apply(variables, x, **update), ours.apply(variables, x, **update)
+    assert yt.dtype == jnp.float32 and yo.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(yo, np.float32), yt, rtol=2e-2, atol=2e-2)

@@ -13,8 +13,8 @@ What differs from flax, on purpose:
 * Only the wrapped layer's ``params`` are normalized (flax maps every collection, so
   it would also normalize, say, the ``u`` of a nested ``SpectralNorm``).
 * flax's ``init`` stores the normalized kernel as the layer's param (its
-  ``map_variables`` writes the view back; so does an ``apply`` with ``params``
-  mutable). Ours keeps the initializer's kernel.
+  ``map_variables`` writes the view back, promoted to float32 for a bfloat16 kernel;
+  so does an ``apply`` with ``params`` mutable). Ours keeps the initializer's kernel.
 * The normalized weight has dtype ``dtype or`` the weight's dtype (flax promotes a
   bfloat16 kernel with float32 ``u`` or ``scale`` to float32), and the power
   iteration runs in at least float32; ``u`` and ``sigma`` keep their stored dtype.
