@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _sharding
 from jaxnorm.stats import Moments
 
 
@@ -139,8 +139,8 @@ def update_batch_stats(
     else:
         new_mean = momentum * old_mean + (1.0 - momentum) * batch.mean.astype(dt)
         new_var = momentum * old_var + (1.0 - momentum) * batch_var.astype(dt_var)
-    new_mean = jnp.where(has_data, new_mean, old_mean)
-    new_var = jnp.where(has_data, new_var, old_var)
+    new_mean = _sharding.where(has_data, new_mean, old_mean)
+    new_var = _sharding.where(has_data, new_var, old_var)
     stepped = jnp.any(has_data)
     return BatchStats(
         mean=jax.lax.stop_gradient(new_mean.astype(stats.mean.dtype)),

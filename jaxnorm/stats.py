@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _sharding
 
 AxisName = Hashable | tuple[Hashable, ...]
 
@@ -250,11 +250,11 @@ def _corrected_two_pass(
         return s
 
     zero = jnp.zeros((), xs.dtype)
-    first = xs if mask is None else jnp.where(mask, xs, zero)
+    first = xs if mask is None else _sharding.where(mask, xs, zero)
     rough = lax.stop_gradient(_safe_div(total(first), count))
     d = xs - rough
     if mask is not None:
-        d = jnp.where(mask, d, zero)
+        d = _sharding.where(mask, d, zero)
     s1 = total(d)
     s2 = total(abs_square(d))
     mean = rough + _safe_div(s1, count)
@@ -416,7 +416,7 @@ def mean_square(
         # whose derivative 2*x would turn a zero cotangent into NaN.
         m = jnp.broadcast_to(mask, x.shape)
         count = jnp.sum(m, axis=axes, keepdims=True, dtype=_real(sd))
-        safe = jnp.where(m, xs, jnp.zeros((), sd))
+        safe = _sharding.where(m, xs, jnp.zeros((), sd))
         total = jnp.sum(abs_square(safe), axis=axes, keepdims=True)
     if axis_name is not None:
         count, total = lax.psum((count, total), axis_name, axis_index_groups=axis_index_groups)

@@ -32,7 +32,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax._src.core import ShardingTypeError  # no public alias in jax 0.10
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -473,14 +472,9 @@ def test_tensor_parallel_per_sample_norms_under_jit(data, mode, center):
 
 # jax 0.10's explicit mode refuses ``jnp.where``/``lax.select`` whose operands carry
 # different (even compatible) shardings (jax-ml/jax#37853), where arithmetic takes the
-# finer one; jaxnorm selects between x-, mask- and running-stat-sharded arrays. The
-# minimal cases are in TestExplicitModeSelects below.
-SELECT_SHARDINGS = (
-    "explicit mode: jnp.where over operands sharded unlike each other "
-    "(jaxnorm/functional/_core.py:97, stats.py:253, functional/batch.py:171, state.py:142)"
-)
-SELECT_XFAIL = pytest.mark.xfail(strict=True, raises=ShardingTypeError, reason=SELECT_SHARDINGS)
-MODES_2D_BN = ["auto", pytest.param("explicit", marks=SELECT_XFAIL)]
+# finer one; jaxnorm selects between x-, mask- and running-stat-sharded arrays, through
+# jaxnorm._sharding.where. The minimal cases are in TestExplicitModeSelects below.
+MODES_2D_BN = ["auto", "explicit"]
 
 
 @pytest.mark.parametrize("mode", MODES_2D_BN)
@@ -599,15 +593,16 @@ def test_batch_norm_under_shard_map_on_a_2d_mesh(data, mode):
 
 
 class TestExplicitModeSelects:
-    """Minimal cases of SELECT_SHARDINGS: each passes in Auto mode and, in Explicit mode,
-    fails inside jaxnorm with ``ShardingTypeError`` (flax's own BatchNorm passes them)."""
+    """Minimal cases of the explicit-mode select rule: each failed inside jaxnorm with
+    ``ShardingTypeError`` in Explicit mode before jaxnorm._sharding.where (flax's own
+    BatchNorm passes them); Auto mode is the control."""
 
     @pytest.fixture
     def x(self):
         rng = np.random.default_rng(3)
         return (MEAN + rng.standard_normal((8, 4))).astype(np.float32)
 
-    @pytest.mark.parametrize("mode", ["auto", pytest.param("explicit", marks=SELECT_XFAIL)])
+    @pytest.mark.parametrize("mode", ["auto", "explicit"])
     def test_token_mask_with_features_over_model(self, x, mode):
         """A per-row (padding) mask ``(N, 1)``, x's features split over ``model``:
         ``mask_safe``'s ``jnp.where(mask, x, 0)`` (jaxnorm/functional/_core.py:97)."""
@@ -621,7 +616,7 @@ class TestExplicitModeSelects:
             )
         assert_close(y, y_ref, Y_ATOL, 1e-6)
 
-    @pytest.mark.parametrize("mode", ["auto", pytest.param("explicit", marks=SELECT_XFAIL)])
+    @pytest.mark.parametrize("mode", ["auto", "explicit"])
     def test_fresh_running_stats_with_channels_over_model(self, x, mode):
         """``init_batch_stats`` (replicated), channels split over ``model``, no mask:
         ``jnp.where(has_data, new_mean, old_mean)`` (jaxnorm/state.py:142)."""
@@ -634,7 +629,7 @@ class TestExplicitModeSelects:
         assert_close(new.mean, mu, MEAN_ATOL)
         assert_close(new.var, var, 0, VAR_RTOL)
 
-    @pytest.mark.parametrize("mode", ["auto", pytest.param("explicit", marks=SELECT_XFAIL)])
+    @pytest.mark.parametrize("mode", ["auto", "explicit"])
     def test_example_mask_with_channels_over_model(self, x, mode):
         """Stats sharded like the channels, a per-example mask: ``jnp.where(has_data,
         mean, running_mean)`` (jaxnorm/functional/batch.py:171) and ``moments``'
@@ -669,12 +664,7 @@ def linen_kwargs(kind: str) -> dict:
     return kw
 
 
-KINDS_MODES = [
-    (kind, mode)
-    for kind in ("LayerNorm", "RMSNorm", "BatchNorm")
-    for mode in MODES
-    if (kind, mode) != ("BatchNorm", "explicit")
-] + [pytest.param("BatchNorm", "explicit", marks=SELECT_XFAIL)]  # replicated running stats
+KINDS_MODES = [(kind, mode) for kind in ("LayerNorm", "RMSNorm", "BatchNorm") for mode in MODES]
 
 
 @pytest.mark.parametrize(("kind", "mode"), KINDS_MODES)
@@ -746,12 +736,6 @@ def test_nnx_sharding_metadata(data, kind, mode):
     assert_close(y, y_ref, Y_ATOL, 1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="jaxnorm/nnx/_base.py _feature_shape compares x's local features under shard_map "
-    "with the global num_features (flax.nnx's layers take the local shard)",
-)
 @pytest.mark.parametrize("kind", ["LayerNorm", "RMSNorm"])
 def test_nnx_tensor_parallel_modules_under_shard_map(data, kind):
     """NNX Params sharded over ``model`` enter shard_map as their local halves, as in flax."""

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _sharding
 from jaxnorm.stats import AxisName, mean_square, moments, stat_dtype
 
 
@@ -94,9 +94,9 @@ def mask_safe(apply: Any, x: jax.Array, mask: jax.Array | None, *params: Any) ->
     if mask is None:
         return apply(x, *params)
     m = jnp.broadcast_to(mask, x.shape)
-    valid = apply(jnp.where(m, x, jnp.zeros_like(x)), *params)
+    valid = apply(_sharding.where(m, x, jnp.zeros_like(x)), *params)
     held = [None if p is None else lax.stop_gradient(p) for p in params]
-    return jnp.where(m, valid, apply(x, *held))
+    return _sharding.where(m, valid, apply(x, *held))
 
 
 def _can_fuse(x: jax.Array, mask: Any, axis_name: Any, epsilon: Any) -> bool:
@@ -213,8 +213,8 @@ def _pass_through_empty(count, mean, var):
     instead of being blown up by ``1/sqrt(epsilon)``.
     """
     empty = count == 0
-    mean = None if mean is None else jnp.where(empty, 0.0, mean)
-    return mean, jnp.where(empty, 1.0, var)
+    mean = None if mean is None else _sharding.where(empty, 0.0, mean)
+    return mean, _sharding.where(empty, 1.0, var)
 
 
 def _standardize(

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _sharding
 from jaxnorm._checks import Axes
 from jaxnorm.functional._core import (
     _broadcast_param,
@@ -168,8 +168,8 @@ def batch_norm(
         mean, var = batch.mean, batch.var
         if mask is not None:
             has_data = batch.count > 0
-            mean = jnp.where(has_data, mean, lax.stop_gradient(running_mean))
-            var = jnp.where(has_data, var, lax.stop_gradient(running_var))
+            mean = _sharding.where(has_data, mean, lax.stop_gradient(running_mean))
+            var = _sharding.where(has_data, var, lax.stop_gradient(running_var))
         y = _normalize(
             x, mean, var, scale_b, bias_b, epsilon=epsilon, out_dtype=out_dtype, mask=mask
         )

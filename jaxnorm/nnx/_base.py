@@ -86,13 +86,24 @@ def _feature_shape(module: nnx.Module, name: str, axes: Axes, x: jax.Array) -> t
         canon = _checks.canonical_axes(type(module).__name__, name, axes, jnp.ndim(x))
     shape = tuple(x.shape[a] for a in canon)
     expected = module.num_features
-    if math.prod(shape) != expected:
+    if math.prod(shape) != expected and math.prod(shape) != _local_features(module):
         raise ValueError(
             f"{_name(module)}: num_features={expected} but x {tuple(x.shape)} has "
             f"{math.prod(shape)} features on {name}={axes!r}. Construct the layer with "
             f"num_features={math.prod(shape)}, or pass x with {expected} features there."
         )
     return shape
+
+
+def _local_features(module: nnx.Module) -> int | None:
+    """The feature count the module's variables hold here: under ``shard_map`` a Param
+    sharded over the feature axis holds this device's block, and ``x`` carries the same
+    block (tensor parallelism), as flax's NNX layers accept."""
+    for name in ("scale", "bias", "mean"):
+        variable = getattr(module, name, None)
+        if isinstance(variable, nnx.Variable):
+            return math.prod(jnp.shape(variable[...]))
+    return None
 
 
 def _optional_param(

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _sharding
 from jaxnorm._checks import Axes
 from jaxnorm.functional import batch_norm, mask_safe
 from jaxnorm.state import BatchStats, update_batch_stats
@@ -163,8 +163,8 @@ def ghost_batch_norm(
     mean, var = per.mean, per.var
     if mask is not None:
         has_data = per.count > 0
-        mean = jnp.where(has_data, mean, lax.stop_gradient(run_mean))
-        var = jnp.where(has_data, var, lax.stop_gradient(run_var))
+        mean = _sharding.where(has_data, mean, lax.stop_gradient(run_mean))
+        var = _sharding.where(has_data, var, lax.stop_gradient(run_var))
     mul = lax.rsqrt(var + epsilon)
     if scale_b is not None:
         mul = mul * scale_b

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm import _checks
+from jaxnorm import _checks, _sharding
 from jaxnorm._checks import Axes
 from jaxnorm.functional import mask_safe
 from jaxnorm.stats import AxisName, mean_square, stat_dtype
@@ -138,10 +138,10 @@ def _power_norm_train_bwd(cfg, res, dy):
     w = jnp.broadcast_to(weight, x.shape)
     valid = w > 0
     # Selections, not products with w: masked-out padding may hold NaN/Inf.
-    x_hat = jnp.where(valid, x_hat, 0.0)
+    x_hat = _sharding.where(valid, x_hat, 0.0)
     n = jnp.sum(w, axis=axes, keepdims=True)
     s_gamma = jnp.sum(x_hat * x_hat, axis=axes, keepdims=True)
-    s_lambda = jnp.sum(jnp.where(valid, g, 0.0) * x_hat, axis=axes, keepdims=True)
+    s_lambda = jnp.sum(_sharding.where(valid, g, 0.0) * x_hat, axis=axes, keepdims=True)
     if cfg.axis_name is not None:
         n, s_gamma, s_lambda = lax.psum(
             (n, s_gamma, s_lambda), cfg.axis_name, axis_index_groups=cfg.axis_index_groups
@@ -149,11 +149,11 @@ def _power_norm_train_bwd(cfg, res, dy):
     big_gamma = s_gamma / jnp.maximum(n, 1.0)  # mean of x_hat^2 over valid elements
     big_lambda = s_lambda / jnp.maximum(n, 1.0)  # mean of dL/dx_hat * x_hat
     increment = (1.0 - cfg.grad_momentum) * (big_lambda - nu * big_gamma)
-    increment = jnp.where(n > 0, increment, 0.0).astype(nu.dtype)
+    increment = _sharding.where(n > 0, increment, 0.0).astype(nu.dtype)
     x_tilde = g - nu * x_hat  # the intermediate estimated gradient (x_hat is 0 off-mask)
     dx = (x_tilde * rstd).astype(x.dtype)
     dscale = dbias = None
-    dy_valid = jnp.where(valid, dy, 0.0)
+    dy_valid = _sharding.where(valid, dy, 0.0)
     if scale_b is not None:
         dscale = jnp.sum(dy_valid * x_hat, axis=axes, keepdims=True).astype(scale_b.dtype)
     if bias_b is not None:
@@ -341,7 +341,7 @@ def power_norm(
     psi_b2 = jnp.reshape(lax.stop_gradient(psi_b2), lay.feature_shape)
     old = stats.mean_square.astype(sd)
     new = momentum * old + (1.0 - momentum) * psi_b2
-    new = jnp.where(count > 0, new, old)
+    new = _sharding.where(count > 0, new, old)
     stepped = jnp.any(count > 0).astype(stats.count.dtype)
     new_stats = PowerNormStats(
         mean_square=lax.stop_gradient(new.astype(stats.mean_square.dtype)),
