@@ -87,6 +87,11 @@ def run_processes(
         deadline = time.monotonic() + timeout
         timed_out = False
         while any(p.poll() is None for p in procs):
+            if any(p.poll() not in (None, 0) for p in procs):  # one failed: stop the rest
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
             if time.monotonic() > deadline:
                 timed_out = True
                 for p in procs:
