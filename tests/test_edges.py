@@ -270,3 +270,33 @@ def test_one_value_per_feature_is_refused_under_torch_unbiased_variance():
         jaxnorm.batch_norm(
             jnp.ones((1, 3)), jaxnorm.init_batch_stats(3), training=True, unbiased_running_var=True
         )
+
+
+# ------------------------------------------------------------ where flax is wrong
+
+
+@pytest.mark.parametrize("api", ["functional", "nnx", "linen"])
+def test_group_norm_with_reduction_axes_that_keep_a_spatial_axis(api):
+    """GroupNorm(num_groups=2, reduction_axes=(2, 3)) on (N, H, W, C): statistics per
+    (sample, row, group) over W and the group's channels. flax.nnx.GroupNorm repeats them
+    along axis 1 instead of the channel axis (off by ~2 against float64 on this input;
+    see the compatibility guide); jaxnorm must match the float64 formula."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 4, 4, 8)), np.float32)
+    xg = x.astype(np.float64).reshape(2, 4, 4, 2, 4)
+    mu = xg.mean(axis=(2, 4), keepdims=True)
+    var = xg.var(axis=(2, 4), keepdims=True)
+    ref = ((xg - mu) / np.sqrt(var + 1e-6)).reshape(x.shape)
+    if api == "functional":
+        y = jaxnorm.group_norm(x, num_groups=2, reduction_axes=(2, 3))
+    elif api == "nnx":
+        from flax import nnx
+
+        import jaxnorm.nnx as jnnx
+
+        y = jnnx.GroupNorm(8, num_groups=2, reduction_axes=(2, 3), rngs=nnx.Rngs(0))(x)
+    else:
+        import jaxnorm.linen as jnn
+
+        layer = jnn.GroupNorm(num_groups=2, reduction_axes=(2, 3))
+        y = layer.apply(layer.init(jax.random.key(0), x), x)
+    np.testing.assert_allclose(np.asarray(y), ref, atol=1e-5)
