@@ -141,6 +141,7 @@ def layer_norm(
     desc = f"the feature axes {feature_axes} of x {tuple(x.shape)}"
     feature_shape = tuple(x.shape[a] for a in feature_axes)
     _checks.check_param_shape(fn, "scale", scale, feature_shape, desc, complex_ok=True)
+    devices = dict(axis_name=axis_name, axis_index_groups=axis_index_groups)
     return _standardize(
         fn,
         x,
@@ -151,10 +152,9 @@ def layer_norm(
         epsilon=epsilon,
         mask=mask,
         dtype=dtype,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
         center=True,
         desc=f"the feature axes {feature_axes} of x {tuple(x.shape)}",
+        **devices,
     )
 
 
@@ -319,6 +319,7 @@ def instance_norm(
             f"other axis to reduce); got shape {tuple(x.shape)} with channel axis={axis!r}. "
             f"For (N, C) input use layer_norm or batch_norm instead."
         )
+    devices = dict(axis_name=axis_name, axis_index_groups=axis_index_groups)
     return _standardize(
         fn,
         x,
@@ -329,10 +330,9 @@ def instance_norm(
         epsilon=epsilon,
         mask=mask,
         dtype=dtype,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
         center=True,
         desc=f"the channel axes axis={axis!r} of x {tuple(x.shape)}",
+        **devices,
     )
 
 
