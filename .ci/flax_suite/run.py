@@ -301,6 +301,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--no-recheck", action="store_true", help="do not rerun each failure in a fresh process"
     )
+    p.add_argument("--from-json", help="summarize (and recheck) a previous --json, no full run")
     p.add_argument("--json", help="write every recorded result (with the swap) to this file")
     args = p.parse_args(argv)
 
@@ -327,14 +328,22 @@ def main(argv=None) -> None:
         base_failed = {r["nodeid"] for r in base if r["outcome"] in ("failed", "error")}
         print(f"baseline: {len(base_failed)} of {len(base)} fail with flax", file=sys.stderr)
 
-    records = run_pytest(
-        tests,
-        targets,
-        swap=True,
-        workers=args.workers,
-        keyword=args.keyword,
-        timeout=args.timeout,
-    )
+    if args.from_json:
+        records = json.loads(Path(args.from_json).read_text())
+        for r in records:  # a previous recheck's remapping is redone below
+            if "in_sequence" in r:
+                r["type"], _, r["message"] = r.pop("in_sequence").partition(": ")
+    else:
+        records = run_pytest(
+            tests,
+            targets,
+            swap=True,
+            workers=args.workers,
+            keyword=args.keyword,
+            timeout=args.timeout,
+        )
+    if args.json:  # before the recheck too, so an interrupted recheck loses nothing
+        Path(args.json).write_text(json.dumps(records, indent=1))
     alone_passed = None
     if not args.no_recheck:
         failed = [r["nodeid"] for r in records if r["outcome"] in ("failed", "error")]
