@@ -268,3 +268,22 @@ def feature_shape_tuple(fn: str, feature_shape: Any) -> tuple[int, ...]:
             f"{feature_shape!r}. Pass e.g. (64,) for 64 channels."
         )
     return shape
+
+
+def check_instance_axes(where: str, feature_axes: Any, axes: tuple[int, ...], x_shape) -> None:
+    """InstanceNorm's channel axes: not the batch axis 0, and something left to reduce."""
+    shape = tuple(x_shape)
+    if 0 in axes:
+        raise ValueError(
+            f"{where}: The channel axes cannot include the leading dimension as this is "
+            f"assumed to be the batch axis. Got feature_axes={feature_axes!r} on x {shape}, "
+            f"which names the batch axis 0; pass the channel axes only, e.g. feature_axes=-1 "
+            f"for (N, H, W, C) input."
+        )
+    if not [a for a in range(1, len(shape)) if a not in axes]:
+        raise ValueError(
+            f"{where}: feature_axes={feature_axes!r} on x {shape} leave no axis to reduce "
+            f"besides the batch axis 0, so each output would be just the bias (flax returns "
+            f"that silently). Instance norm needs an axis beyond batch and channels, e.g. "
+            f"(N, H, W, C); for (N, C) input use LayerNorm or BatchNorm."
+        )

@@ -320,10 +320,5 @@ class InstanceNorm(InstanceNormCall, _PerSampleNorm):
             axes = _checks.canonical_axes(
                 "InstanceNorm", "feature_axes", self.feature_axes, jnp.ndim(x)
             )
-        if 0 in axes or not [a for a in range(1, x.ndim) if a not in axes]:
-            raise ValueError(
-                f"{_name(self)}: feature_axes={self.feature_axes!r} on x "
-                f"{tuple(x.shape)} must leave out the batch axis 0 and leave at least one "
-                f"other axis to reduce. Pass e.g. feature_axes=-1 for (N, H, W, C) input."
-            )
+        _checks.check_instance_axes(_name(self), self.feature_axes, axes, x.shape)
         return tuple(x.shape[a] for a in axes)
