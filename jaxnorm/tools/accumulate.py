@@ -24,9 +24,9 @@ class AccumulatedStep(NamedTuple):
 
     Attributes:
       loss: shape ``()``, the loss dtype promoted to at least float32: the mean of
-        the ``K`` microbatch losses, :math:`\frac{1}{K}\\sum_k L_k`.
+        the ``K`` microbatch losses, :math:`\\frac{1}{K}\\sum_k L_k`.
       grads: shaped like ``params``: the mean of the ``K`` microbatch gradients,
-        :math:`\frac{1}{K}\\sum_k \nabla L_k` (each microbatch normalized with its
+        :math:`\\frac{1}{K}\\sum_k \\nabla L_k` (each microbatch normalized with its
         own batch statistics).
       batch_stats: shaped and typed like the ``batch_stats`` passed in: each
         training-mode batch norm updated once from the pooled moments of the inputs
