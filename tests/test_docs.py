@@ -249,3 +249,13 @@ def test_guide_examples_run(path, tmp_path, monkeypatch):
         globs = test.globs  # DocTest copies its globals: carry them to the next block
     results = runner.summarize(verbose=False)
     assert results.failed == 0, "".join(report)
+
+
+def test_readme_links_and_images_exist():
+    """Every relative link and image of the README names a file of the repository."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    relative = [t for t in targets if not re.match(r"[a-z]+://", t)]
+    assert relative, "the README links into the docs"
+    missing = [t for t in relative if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
