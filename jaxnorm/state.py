@@ -25,11 +25,19 @@ import jax.numpy as jnp
 from jaxnorm import _checks, _sharding
 from jaxnorm.stats import Moments
 
+__all__ = ["BatchStats", "init_batch_stats", "update_batch_stats"]
+
 
 class BatchStats(NamedTuple):
     """Running statistics of a batch-normalization layer (a pytree).
 
     ``feature_shape`` is the shape of the kept (feature) axes, e.g. ``(C,)``.
+
+    Attributes:
+      mean: ``feature_shape``, float32 (complex64 for complex inputs): the running mean.
+      var: ``feature_shape``, float32 (always real): the running variance.
+      count: ``()``, int32: training steps that updated ``mean``/``var`` (torch's
+        ``num_batches_tracked``).
     """
 
     mean: jax.Array  # shape=feature_shape, float32 (complex64 for complex inputs): running mean

@@ -55,6 +55,17 @@ from jax import lax
 
 from jaxnorm import _checks, _sharding
 
+__all__ = [
+    "Moments",
+    "abs_square",
+    "mean_square",
+    "merge_moments",
+    "moments",
+    "psum_moments",
+    "reduce_moments",
+    "stat_dtype",
+]
+
 AxisName = Hashable | tuple[Hashable, ...]
 
 
@@ -63,6 +74,11 @@ class Moments(NamedTuple):
 
     All fields share one shape: the input's shape with the reduced axes kept as
     size 1 (so they broadcast against the input), or with them dropped.
+
+    Attributes:
+      count: the number of valid elements, float32 (>= the statistics' real dtype).
+      mean: the mean of the valid elements (0 if none), float32 or complex64.
+      m2: ``sum(|x - mean|**2)`` over the valid elements, real.
     """
 
     count: jax.Array  # shape=group shape, float32 (>= stat dtype): number of valid elements

@@ -17,6 +17,7 @@ SLOW_MODULES = {
     "test_experiments_transformer.py",
     "test_experiments_variants.py",
     "test_experiments_vision.py",
+    "test_docs.py",
     "test_fuzz.py",
     "test_multiprocess.py",
     "test_checkpoint_orbax.py",

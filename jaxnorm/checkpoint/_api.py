@@ -59,7 +59,7 @@ def latest_checkpoint(ckpt_dir: PathLike) -> Path | None:
 
 def _resolve(path: PathLike, caller: str) -> Path:
     """A checkpoint (step directory or ``.msgpack`` file); a run directory gives its latest."""
-    p = Path(path)
+    p = Path(path).absolute()  # orbax refuses relative paths
     if p.is_dir() and not _STEP_DIR.match(p.name) and not (p / _orbax.ITEM).is_dir():
         latest = latest_checkpoint(p)
         if latest is None:

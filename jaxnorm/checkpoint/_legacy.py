@@ -20,8 +20,10 @@ from flax import serialization
 
 from jaxnorm.checkpoint._tree import KEY_TAG, is_scalar
 
-FORMAT_2 = "jaxnorm.checkpoint/2"  # checksummed msgpack: still restored
-FORMAT_1 = "jaxnorm.checkpoint/1"  # no checksum: refused, see upgrade_checkpoint
+#: jaxnorm 0.1's checksummed msgpack files: still restored.
+FORMAT_2 = "jaxnorm.checkpoint/2"
+#: jaxnorm 0.1's first msgpack files, without a checksum: refused (see upgrade_checkpoint).
+FORMAT_1 = "jaxnorm.checkpoint/1"
 SUFFIX = ".msgpack"
 NAME = re.compile(rf"^checkpoint_(\d+){re.escape(SUFFIX)}$")
 _FIELDS = ("format", "payload", "sha256")  # the keys of a /2 file's outer map, sorted

@@ -29,7 +29,8 @@ import numpy as np
 
 from jaxnorm.checkpoint._tree import KEY_TAG, dtype_kind, is_key, is_scalar
 
-FORMAT = "jaxnorm.checkpoint/3"  # orbax-checkpoint directories with a jaxnorm item
+#: The format written today: orbax-checkpoint step directories with a ``jaxnorm`` item.
+FORMAT = "jaxnorm.checkpoint/3"
 ITEM = "jaxnorm"  # the orbax item holding these files
 MANIFEST = "manifest.json"
 

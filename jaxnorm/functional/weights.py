@@ -28,7 +28,13 @@ from jaxnorm.functional._core import _out_dtype
 
 
 class SpectralNormalized(NamedTuple):
-    """What :func:`spectral_normalize` returns: the weight and the updated state."""
+    """What :func:`spectral_normalize` returns: the weight and the updated state.
+
+    Attributes:
+      weight: ``w / sigma``, of ``w``'s shape and dtype (``dtype`` if given).
+      u: the next power-iteration vector, of ``u``'s shape and dtype, unit norm.
+      sigma: ``()``, ``u``'s dtype: the estimate of ``w``'s largest singular value.
+    """
 
     weight: jax.Array  # w / sigma: w's shape, dtype `dtype or w.dtype`
     u: jax.Array  # the next power-iteration vector: u's shape and dtype, unit norm

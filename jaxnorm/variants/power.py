@@ -26,6 +26,13 @@ class PowerNormStats(NamedTuple):
     """Running statistics of :func:`power_norm` (a pytree).
 
     ``feature_shape`` is the shape of the kept (feature) axes, e.g. ``(C,)``.
+
+    Attributes:
+      mean_square: ``feature_shape``, float32: the running quadratic mean ``psi**2``
+        (initially 1).
+      grad_stat: ``feature_shape``, float32: the running backward statistic ``nu``
+        (initially 0).
+      count: ``()``, int32: training steps that updated ``mean_square``.
     """
 
     mean_square: jax.Array  # shape=feature_shape, float32: running quadratic mean psi^2 (init 1)
