@@ -1,8 +1,11 @@
 """``python -m experiments [name ...] [--quick]``: run experiments, plot, write the report.
 
 With no name, runs every registered experiment (vision, then language) into ``results/``
-and writes ``results/REPORT.md``. ``--plot-only`` regenerates figures and the report from
-the metric files already on disk.
+and writes ``results/REPORT.md``; ``--quick`` runs reduced configurations instead, a smoke
+test of the pipeline whose numbers mean nothing (tens of seconds per experiment on a
+2-core CPU). ``--plot-only`` regenerates figures and the report from the metric files
+already on disk. On a terminal, each run shows a progress bar with its rate and ETA on
+stderr (off with ``--no-progress``); each experiment's total time is printed when it ends.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from pathlib import Path
 
 from experiments.common import Experiment, RunConfig
@@ -78,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     reg = registry()
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__)
     parser.add_argument("names", nargs="*", help=f"experiments to run (default all): {list(reg)}")
-    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a reduced smoke run that checks the pipeline and measures nothing (tens of "
+        "seconds per experiment on a 2-core CPU, several minutes for all)",
+    )
     parser.add_argument("--out", default="results", help="output folder (default: results)")
     parser.add_argument("--data-dir", default=None, help="folder of MNIST-style IDX .gz files")
     parser.add_argument("--text-file", default=None, help="UTF-8 text file for the language runs")
@@ -96,7 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         help="data_parallel on a cluster: jax.distributed.initialize() autodetects SLURM/TPU/K8s",
     )
     parser.add_argument("--plot-only", action="store_true", help="re-plot from metric files")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they show only when stderr is a terminal anyway)",
+    )
     args = parser.parse_args(argv)
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
@@ -131,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             folder = cfg.dir_for(exp.name)
             print(f"== {exp.name}", flush=True)
+            start = time.perf_counter()
             exp.run(cfg)
+            print(f"== {exp.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
         if args.distributed and not _is_lead_process():
             continue  # one process of a cluster writes figures and the report
         exp.plot(folder)

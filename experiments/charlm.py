@@ -7,7 +7,7 @@ and no norm, three seeds vmapped into one program. Reports validation/test bits 
 curves, BatchNorm's train-mode vs eval-mode gap, eval at batch size 1, samples from the best
 model, and a stability sweep over peak learning rates (4 layers).
 
-``python -m experiments charlm`` (``--quick`` for a seconds-long smoke run) writes
+``python -m experiments charlm`` (``--quick`` for a reduced smoke run) writes
 ``results/charlm/metrics.json``, ``charlm.csv`` and ``stability.csv``; `plot` and `report` read
 only the metrics file. The model is ``models_language.TransformerLM``; training, evaluation and
 sampling are in ``lm_training``.
@@ -89,8 +89,9 @@ class CharLMConfig:
 
     @classmethod
     def quick(cls) -> CharLMConfig:
-        """Smoke run of every code path in seconds (every norm kind also runs in the unit
-        tests of tests/test_experiments_language.py); its numbers mean nothing."""
+        """Reduced smoke run of every code path (tens of seconds on a 2-core CPU; every norm
+        kind also runs in the unit tests of tests/test_experiments_language.py); its numbers
+        mean nothing."""
         return cls(
             norms=("layernorm", "batchnorm"),
             d_model=32,

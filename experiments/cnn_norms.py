@@ -23,9 +23,9 @@ import optax
 
 from experiments.common import (
     Experiment,
+    ProgressBar,
     RunConfig,
     Timer,
-    progress,
     read_json,
     write_csv,
     write_metrics,
@@ -74,7 +74,8 @@ class CNNNormsConfig:
 
     @classmethod
     def quick(cls) -> CNNNormsConfig:
-        """A seconds-long smoke configuration."""
+        """A reduced smoke configuration (tens of seconds on a 2-core CPU); its numbers mean
+        nothing."""
         return cls(
             n_train=512,
             n_test=200,
@@ -128,16 +129,16 @@ def _run_dataset(
     keys = [jax.random.key(3000 + s, impl="rbg") for s in range(config.seeds)]
     optimizer = optax.adam(config.lr)
     results: dict[str, Any] = {}
-    bar = progress(
-        [(n, k) for n in NORMS for k in range(config.n_evals)],
+    bar = ProgressBar(
+        len(NORMS) * config.n_evals * chunk_steps,
         desc=f"cnn_norms {label}",
-        total=len(NORMS) * config.n_evals,
+        unit="step",
         enabled=cfg.progress,
     )
     state = chunk = None
     curves: dict[str, list[Any]] = {}
     times: dict[str, dict[str, float]] = {}
-    for norm, k in bar:
+    for norm, k in [(n, k) for n in NORMS for k in range(config.n_evals)]:
         if k == 0:
             model = SmallCNN(
                 norm=norm,
@@ -155,6 +156,8 @@ def _run_dataset(
         state, metrics = chunk(state, data, jnp.asarray(idx[:, k]))
         curves[norm].append(jax.block_until_ready(metrics))
         times[norm]["run_s"] += time.perf_counter() - start
+        bar.update(chunk_steps)
+    bar.close()
     for norm in NORMS:
         stacked = {
             key: np.stack([np.asarray(c[key]) for c in curves[norm]], axis=1)

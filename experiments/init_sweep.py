@@ -2,8 +2,9 @@
 
 A 5x100 ReLU MLP on 1000 MNIST images, 16 weight-init scales, with and without
 :func:`jaxnorm.batch_norm`: all 32 runs are one jitted, vmapped program
-(``models_vision.make_init_sweep_program``). Every run uses the same normal draws, rescaled,
-and the same minibatch order.
+(`make_init_sweep_chunk`, the program of ``models_vision.make_init_sweep_program`` cut into
+one call per epoch so a progress bar can follow it; the numbers are the same bit for bit).
+Every run uses the same normal draws, rescaled, and the same minibatch order.
 
 ``python -m experiments init_sweep`` (``--quick`` for a smoke run) writes
 ``results/init_sweep/metrics.json`` (config, wall time, raw curves) and ``final.csv``; `plot`
@@ -24,6 +25,7 @@ import numpy as np
 
 from experiments.common import (
     Experiment,
+    ProgressBar,
     RunConfig,
     Timer,
     read_json,
@@ -37,13 +39,15 @@ from experiments.data_images import (
     ImageData,
     subset,
 )
+from experiments.mlp_training import merge_chunks, mlp_train_chunk
 from experiments.models_vision import (
     ArrayData,
     MLPSpec,
     flat_arrays,
     init_sweep_unit_inits,
-    make_init_sweep_program,
     minibatch_order,
+    scale_weights,
+    sweep_variants,
 )
 from experiments.plotting import pyplot
 from experiments.reporting import command
@@ -70,7 +74,8 @@ class InitSweepConfig:
 
     @classmethod
     def quick(cls) -> InitSweepConfig:
-        """A seconds-long smoke configuration."""
+        """A reduced smoke configuration (tens of seconds on a 2-core CPU); its numbers mean
+        nothing."""
         return cls(n_train=200, n_test=200, depth=2, hidden=32, batch_size=50, epochs=3, n_stds=4)
 
     def stds(self) -> np.ndarray:
@@ -99,19 +104,69 @@ def init_sweep_inputs(
     return data, jnp.asarray(order), unit_inits, jnp.asarray(config.stds())
 
 
+def init_sweep_state(unit_inits: dict[str, Any], stds: jax.Array) -> dict[str, Any]:
+    """Each variant's ``(params, stats)`` at every init std, stacked on a leading std axis.
+
+    The weights are ``unit_inits``' draws times the std (`models_vision.scale_weights`); BN
+    parameters and running statistics are the same for every std.
+    """
+    return {
+        name: jax.vmap(lambda std, p=params, s=stats: (scale_weights(p, std), s))(stds)
+        for name, (params, stats) in unit_inits.items()
+    }
+
+
+def make_init_sweep_chunk(spec: MLPSpec, lr: float) -> Any:
+    """The init sweep's program for some of its epochs: vmap over stds, both variants.
+
+    Returns:
+        ``chunk(data, state, count, order) -> (state, {"plain": metrics, "bn": metrics})``
+        (jit it): trains every lane of `init_sweep_state` over the blocks of ``order``
+        (``(blocks, 1, steps, batch)``, a slice of the minibatch order shared by all runs)
+        from step ``count`` on, with `experiments.mlp_training.mlp_train_chunk`. Chained
+        over all blocks and joined with `experiments.mlp_training.merge_chunks`, the metrics
+        equal those of ``models_vision.make_init_sweep_program`` bit for bit.
+    """
+    variants = sweep_variants(spec)
+
+    def chunk(data: ArrayData, state: dict[str, Any], count: jax.Array, order: jax.Array):
+        new_state, metrics = {}, {}
+        for name, variant in variants.items():
+
+            def one(params, stats, variant=variant):
+                key = jax.random.key(0)  # unused: no dropout
+                return mlp_train_chunk(data, params, stats, count, order, lr, key, spec=variant)
+
+            params, stats, metrics[name] = jax.vmap(one)(*state[name])
+            new_state[name] = (params, stats)
+        return new_state, metrics
+
+    return chunk
+
+
 def run(cfg: RunConfig) -> None:
-    """Trains all ``2 * n_stds`` MLPs in one jitted program; writes metrics.json and a CSV."""
+    """Trains all ``2 * n_stds`` MLPs in one jitted program (a call per epoch); writes
+    metrics.json and a CSV."""
     config = InitSweepConfig.quick() if cfg.quick else InitSweepConfig()
     out = cfg.dir_for(NAME)
     cpu_start = time.process_time()
     with Timer() as wall:
         images = cfg.mnist()
-        inputs = init_sweep_inputs(config, images)
-        program = jax.jit(make_init_sweep_program(config.spec(), config.lr))
+        data, order, unit_inits, stds = init_sweep_inputs(config, images)
+        state = init_sweep_state(unit_inits, stds)
+        program = jax.jit(make_init_sweep_chunk(config.spec(), config.lr))
+        blocks, steps_per_block = order.shape[0], order.shape[1] * order.shape[2]
+        counts = [jnp.asarray(k * steps_per_block, jnp.int32) for k in range(blocks)]
         with Timer() as t_compile:
-            compiled = program.lower(*inputs).compile()
-        with Timer() as t_run:
-            result = jax.block_until_ready(compiled(*inputs))
+            compiled = program.lower(data, state, counts[0], order[:1]).compile()
+        parts = []
+        bar = ProgressBar(config.epochs, desc=NAME, unit="epoch", enabled=cfg.progress)
+        with Timer() as t_run, bar:
+            for k in range(blocks):
+                state, metrics = compiled(data, state, counts[k], order[k : k + 1])
+                parts.append(jax.device_get(metrics))
+                bar.update(order.shape[1])
+        result = merge_chunks(parts)
     n_runs = 2 * config.n_stds
     print(
         f"init_sweep: {n_runs} runs in one program: compile {t_compile.seconds:.1f} s, "

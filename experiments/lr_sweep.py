@@ -2,7 +2,9 @@
 
 Final train/test accuracy against the SGD learning rate of a 5x100 ReLU MLP on 5000 MNIST
 images, with and without :func:`jaxnorm.batch_norm`; seeds x rates x variants are one jitted,
-vmapped program. A divergence (non-finite loss) is recorded, not hidden.
+vmapped program, called once per epoch so a progress bar can follow it
+(`experiments.mlp_training`; the numbers are those of one call for the whole run, bit for
+bit). A divergence (non-finite loss) is recorded, not hidden.
 
 ``python -m experiments lr_sweep`` (``--quick`` for a smoke run) writes
 ``results/lr_sweep/metrics.json`` and ``runs.csv``; `plot` and `report` read only the metrics
@@ -23,6 +25,7 @@ import numpy as np
 
 from experiments.common import (
     Experiment,
+    ProgressBar,
     RunConfig,
     Timer,
     read_json,
@@ -34,13 +37,13 @@ from experiments.data_images import (
     MNIST_STD,
     subset,
 )
+from experiments.mlp_training import merge_chunks, mlp_train_chunk
 from experiments.models_vision import (
     MLPSpec,
     flat_arrays,
     init_mlp_seeds,
     minibatch_order,
     sweep_variants,
-    train_mlp,
 )
 from experiments.plotting import pyplot
 from experiments.reporting import command
@@ -67,7 +70,8 @@ class LRSweepConfig:
 
     @classmethod
     def quick(cls) -> LRSweepConfig:
-        """A seconds-long smoke configuration."""
+        """A reduced smoke configuration (tens of seconds on a 2-core CPU); its numbers mean
+        nothing."""
         return cls(
             n_train=200, n_test=200, depth=2, hidden=32, batch_size=50, epochs=2, n_lrs=3, seeds=2
         )
@@ -80,7 +84,7 @@ class LRSweepConfig:
 
 
 def run(cfg: RunConfig) -> None:
-    """Trains seeds x rates x {no BN, BN} MLPs in one jitted program."""
+    """Trains seeds x rates x {no BN, BN} MLPs in one jitted program (a call per epoch)."""
     config = LRSweepConfig.quick() if cfg.quick else LRSweepConfig()
     config = replace(config, seeds=cfg.seeds_or(config.seeds))
     out = cfg.dir_for(NAME)
@@ -88,6 +92,8 @@ def run(cfg: RunConfig) -> None:
     with Timer() as wall:
         split = subset(cfg.mnist(), config.n_train, config.data_seed, n_test=config.n_test)
         data = flat_arrays(split, mean=MNIST_MEAN, std=MNIST_STD)
+        # One evaluation, after the last epoch: each seed's order is a single block of all
+        # epochs, run here as one chunk per epoch, shape (seeds, epochs, 1, steps, batch).
         orders = jnp.stack(
             [
                 jnp.asarray(
@@ -102,28 +108,51 @@ def run(cfg: RunConfig) -> None:
                 for s in range(config.seeds)
             ]
         )
+        orders = orders.reshape(config.seeds, config.epochs, 1, *orders.shape[-2:])
         keys = jax.random.split(jax.random.key(1), config.seeds)
         lrs = jnp.asarray(config.lrs())
         specs = sweep_variants(MLPSpec(config.depth, config.hidden, bn_momentum=config.bn_momentum))
         in_dim = data.x_train.shape[1]
         inits = {name: init_mlp_seeds(keys, in_dim, spec, None) for name, spec in specs.items()}
+        # Every (seed, lr) lane starts from its seed's initialization: shape (seeds, lrs, ...).
+        state = jax.tree.map(
+            lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], len(lrs), *a.shape[1:])), inits
+        )
 
-        def program(data, orders, inits, lrs):
-            result = {}
+        def program(data, state, count, orders, lrs, *, evaluate):
+            new_state, result = {}, {}
             for name, spec in specs.items():
 
-                def one(order, init, lr, spec=spec):
-                    params, stats = init
-                    return train_mlp(data, order, params, stats, lr, keys[0], spec=spec)
+                def one(params, stats, order, lr, spec=spec):
+                    return mlp_train_chunk(
+                        data, params, stats, count, order, lr, keys[0], spec=spec, evaluate=evaluate
+                    )
 
-                over_lrs = jax.vmap(one, in_axes=(None, None, 0))
-                result[name] = jax.vmap(over_lrs, in_axes=(0, 0, None))(orders, inits[name], lrs)
-            return result
+                over_lrs = jax.vmap(one, in_axes=(0, 0, None, 0))
+                params, stats, result[name] = jax.vmap(over_lrs, in_axes=(0, 0, 0, None))(
+                    *state[name], orders, lrs
+                )
+                new_state[name] = (params, stats)
+            return new_state, result
 
+        steps = orders.shape[-2]
+        counts = [jnp.asarray(k * steps, jnp.int32) for k in range(config.epochs)]
         with Timer() as t_compile:
-            compiled = jax.jit(program).lower(data, orders, inits, lrs).compile()
-        with Timer() as t_run:
-            result = jax.block_until_ready(compiled(data, orders, inits, lrs))
+            program = jax.jit(program, static_argnames="evaluate")
+            example = (data, state, counts[0], orders[:, :1], lrs)
+            compiled = {
+                evaluate: program.lower(*example, evaluate=evaluate).compile()
+                for evaluate in {config.epochs == 1, True}
+            }
+        parts = []
+        bar = ProgressBar(config.epochs, desc=NAME, unit="epoch", enabled=cfg.progress)
+        with Timer() as t_run, bar:
+            for k in range(config.epochs):
+                chunk = compiled[k == config.epochs - 1]
+                state, metrics = chunk(data, state, counts[k], orders[:, k : k + 1], lrs)
+                parts.append(jax.device_get(metrics))
+                bar.update(1)
+        result = merge_chunks(parts)
     print(
         f"lr_sweep: {2 * config.seeds * config.n_lrs} runs: compile {t_compile.seconds:.1f} s, "
         f"run {t_run.seconds:.1f} s",

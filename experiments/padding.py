@@ -6,7 +6,7 @@ classification of single KJV verses in padded batches, comparing LayerNorm, Batc
 ignores padding, BatchNorm with the padding mask and no norm, three seeds vmapped; measures how
 padding shifts BatchNorm's batch statistics and what masking recovers.
 
-``python -m experiments padding`` (``--quick`` for a seconds-long smoke run) writes
+``python -m experiments padding`` (``--quick`` for a reduced smoke run) writes
 ``results/padding/metrics.json`` and ``padding.csv``; `plot` and `report` read only the metrics
 file. The model is ``models_language.TransformerClassifier``, trained by the shared trainer
 (``experiments.training``).
@@ -29,9 +29,9 @@ import optax
 
 from experiments.common import (
     Experiment,
+    ProgressBar,
     RunConfig,
     Timer,
-    progress,
     read_json,
     write_csv_dicts,
     write_metrics,
@@ -86,7 +86,8 @@ class PaddingConfig:
 
     @classmethod
     def quick(cls) -> PaddingConfig:
-        """Smoke run of every code path in seconds; its numbers mean nothing."""
+        """Reduced smoke run of every code path (tens of seconds on a 2-core CPU); its numbers
+        mean nothing."""
         return cls(
             norms=("batchnorm", "batchnorm_masked"),
             d_model=16,
@@ -319,7 +320,9 @@ def run(run_cfg: RunConfig) -> None:
             lr = jnp.full((len(seeds),), cfg.peak_lr, jnp.float32)
             losses, ckpt_steps, ckpt_bacc = [], [], []
             done = 0
-            bar = iter(progress(range(cfg.steps), desc=f"padding {norm}", enabled=run_cfg.progress))
+            bar = ProgressBar(
+                cfg.steps, desc=f"padding {norm}", unit="step", enabled=run_cfg.progress
+            )
             while done < cfg.steps:
                 k = min(cfg.eval_every, cfg.steps - done)
                 idx = np.stack(
@@ -333,15 +336,13 @@ def run(run_cfg: RunConfig) -> None:
                 lanes, chunk_losses = chunk(lanes, batches, lr)
                 losses.append(np.asarray(chunk_losses))
                 done += k
-                for _ in range(k):
-                    next(bar, None)
                 preds = _predict_all(predict, lanes, ckpt_val)
                 ckpt_steps.append(done)
                 ckpt_bacc.append(
                     [balanced_accuracy(ckpt_val.labels, p, num_classes) for p in preds]
                 )
-            for _ in bar:
-                pass
+                bar.update(k)
+            bar.close()
         train_seconds = timer.seconds
         val_preds = _predict_all(predict, lanes, final_val)
         test_preds = _predict_all(predict, lanes, test)

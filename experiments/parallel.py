@@ -106,7 +106,7 @@ class DataParallelConfig:
 
     @classmethod
     def quick(cls) -> DataParallelConfig:
-        """A seconds-long smoke configuration (the tests use it)."""
+        """A reduced smoke configuration (tens of seconds on a 2-core CPU; the tests use it)."""
         return cls(n_train=512, n_test=200, hidden=(32,), global_batch=64, steps=12, chunks=2)
 
 

@@ -24,7 +24,14 @@ import numpy as np
 import optax
 
 import jaxnorm.variants_linen as vnn
-from experiments.common import Experiment, RunConfig, progress, read_json, write_csv, write_metrics
+from experiments.common import (
+    Experiment,
+    ProgressBar,
+    RunConfig,
+    read_json,
+    write_csv,
+    write_metrics,
+)
 from experiments.data_text import load_char_splits
 from experiments.lm_training import nats_to_bpc
 from experiments.models_language import (
@@ -66,7 +73,7 @@ class PowerNormLMConfig:
 
     @classmethod
     def quick(cls) -> PowerNormLMConfig:
-        """Seconds-long smoke preset (the tests use it)."""
+        """Reduced smoke preset (tens of seconds on a 2-core CPU; the tests use it)."""
         return cls(
             context=16,
             d_model=16,
@@ -227,12 +234,7 @@ def run(run_cfg: RunConfig, config: PowerNormLMConfig | None = None) -> dict[str
     val_windows = jnp.asarray(val_ids[: n_val * width].reshape(n_val, width))
     eval_steps = sorted({*range(c.eval_every, c.steps, c.eval_every), c.steps})
     results: dict[str, Any] = {}
-    bar = progress(
-        [(norm, s) for norm in c.norms for s in eval_steps],
-        desc=NAME,
-        enabled=run_cfg.progress,
-    )
-    bar = iter(bar)
+    bar = ProgressBar(len(c.norms) * c.steps, desc=NAME, unit="step", enabled=run_cfg.progress)
     for norm in c.norms:
         t0 = time.perf_counter()
         model = _lm_model(c, norm, vocab.size)
@@ -259,8 +261,8 @@ def run(run_cfg: RunConfig, config: PowerNormLMConfig | None = None) -> dict[str
             ev, tm = evaluate(state, val_windows)
             curve_eval.append(np.asarray(ev))
             curve_train.append(np.asarray(tm))
+            bar.update(stop - done)
             done = stop
-            next(bar, None)
         losses = np.concatenate(losses, axis=1)  # (seeds, steps)
         eval_bpc = nats_to_bpc(np.stack(curve_eval, axis=1))  # (seeds, evals)
         trainmode_bpc = nats_to_bpc(np.stack(curve_train, axis=1))
@@ -276,8 +278,7 @@ def run(run_cfg: RunConfig, config: PowerNormLMConfig | None = None) -> dict[str
             "wall_s": time.perf_counter() - t0,
             **_stat_summary(state[1]),
         }
-    for _ in bar:
-        pass
+    bar.close()
     wall_s, cpu_s = time.perf_counter() - wall0, time.process_time() - cpu0
     metrics = {
         "experiment": NAME,

@@ -25,12 +25,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from experiments.common import Experiment, RunConfig, progress, read_json, write_csv, write_metrics
+from experiments.common import (
+    Experiment,
+    ProgressBar,
+    RunConfig,
+    read_json,
+    write_csv,
+    write_metrics,
+)
 from experiments.data_images import normalize_images, subset
 from experiments.models_vision import NormMLP
 from experiments.plotting import pyplot
 from experiments.reporting import arr, command, diff_note, pm, quick_note
-from experiments.training import epoch_batches, lane, stack_lanes
+from experiments.training import epoch_batches, even_chunks, lane, stack_lanes
 from jaxnorm.tools import recompute_batch_stats
 
 NAME = "small_batch"
@@ -60,7 +67,7 @@ class SmallBatchConfig:
 
     @classmethod
     def quick(cls) -> SmallBatchConfig:
-        """Seconds-long smoke preset (the tests use it)."""
+        """Reduced smoke preset (tens of seconds on a 2-core CPU; the tests use it)."""
         return cls(
             n_train=256,
             n_test=256,
@@ -159,24 +166,45 @@ def _eval_fns(model: NormMLP, batch_size: int):
 
 def make_small_batch_program(
     c: SmallBatchConfig, arm: Arm, x_train: jax.Array, y_train: jax.Array
-) -> tuple[Callable[[Any, jax.Array], tuple[Any, jax.Array]], NormMLP, int]:
-    """A jitted ``train(variables, order) -> (variables, losses)``, vmapped over seeds.
+) -> tuple[Callable[[Any], Any], Callable[[Any, jax.Array], tuple[Any, jax.Array]], NormMLP, int]:
+    """The training of one arm, seeds vmapped, as a start and a jitted chunk of steps.
 
     Adam at ``c.lr`` over the minibatches ``x_train[order[step]]``, ``lax.scan``-ned.
-    Initialization and minibatch order are made outside (:func:`small_batch_inputs`): XLA
-    compiles a vmapped flax ``init`` far more slowly than it runs it eagerly.
+    ``train`` runs the steps of the ``order`` it is given from the state it is given, so
+    calling it on consecutive slices of the whole order, each from the state the last call
+    returned, trains exactly as one call over all steps (same steps, same arithmetic), and a
+    progress bar can advance in between. Initialization and minibatch order are made
+    outside (:func:`small_batch_inputs`): XLA compiles a vmapped flax ``init`` far more
+    slowly than it runs it eagerly.
 
     Returns:
-      ``(train, model, steps)``; ``variables``, ``order`` (``(seeds, steps, batch)``) and
-      ``losses`` (``(seeds, steps)``) carry a leading seed axis.
+      ``(start, train, model, steps)``: ``start(variables) -> state`` (eager) makes the
+      training state ``(params, batch_stats, opt_state)`` from the initial variables;
+      ``train(state, order) -> (state, losses)`` is jitted; ``variables``, ``state``,
+      ``order`` (``(seeds, chunk_steps, batch)``) and ``losses`` (``(seeds, chunk_steps)``)
+      carry a leading seed axis, except Adam's step count in ``state``, one scalar for all
+      seeds; ``steps`` is the number of steps of the whole run.
     """
     steps = (x_train.shape[0] // arm.batch_size) * c.epochs
     model = _small_batch_model(c, arm, steps)
     tx = optax.adam(c.lr)
 
-    def train_one(variables: Any, order: jax.Array) -> tuple[Any, jax.Array]:
-        params, stats = variables["params"], variables["batch_stats"]
+    # Adam's step count is the same in every lane: like inside one vmapped scan, it stays a
+    # single (unbatched) scalar, vmap axis None; the moments have the parameters' shapes, one
+    # per lane. (A per-lane copy of the count computes the bias correction differently, in
+    # the last bits.) A parameter that is itself a scalar would be mapped to None too, and
+    # vmap would then refuse its per-lane value rather than compute something else.
+    one_lane = jax.eval_shape(
+        lambda x: model.init(jax.random.key(0), x, False)["params"], x_train[: arm.batch_size]
+    )
+    opt_axes = jax.tree.map(lambda a: None if a.ndim == 0 else 0, jax.eval_shape(tx.init, one_lane))
+    axes = (0, 0, opt_axes)
 
+    def start(variables: Any) -> Any:
+        params = variables["params"]
+        return params, variables["batch_stats"], jax.vmap(tx.init, out_axes=opt_axes)(params)
+
+    def train_one(state: Any, order: jax.Array) -> tuple[Any, jax.Array]:
         def step(carry, idx):
             params, stats, opt = carry
 
@@ -191,10 +219,9 @@ def make_small_batch_program(
             updates, opt = tx.update(grads, opt, params)
             return (optax.apply_updates(params, updates), stats, opt), loss
 
-        (params, stats, _), losses = jax.lax.scan(step, (params, stats, tx.init(params)), order)
-        return {"params": params, "batch_stats": stats}, losses
+        return jax.lax.scan(step, state, order)
 
-    return jax.jit(jax.vmap(train_one)), model, steps
+    return start, jax.jit(jax.vmap(train_one, in_axes=(axes, 0), out_axes=(axes, 0))), model, steps
 
 
 def small_batch_inputs(
@@ -247,18 +274,26 @@ def run(run_cfg: RunConfig, config: SmallBatchConfig | None = None) -> dict[str,
     seed_ids = [1000 * (c.data_seed + 1) + s for s in range(c.seeds)]
     arms = small_batch_arms(c)
     results: dict[str, Any] = {}
-    for arm in progress(arms, desc=NAME, enabled=run_cfg.progress):
+    for i, arm in enumerate(arms):
         t0 = time.perf_counter()
-        train, model, steps = make_small_batch_program(c, arm, x_train, y_train)
+        start, train, model, steps = make_small_batch_program(c, arm, x_train, y_train)
         inputs = [small_batch_inputs(c, arm, model, x_train, seed) for seed in seed_ids]
-        init = stack_lanes([v for v, _ in inputs])
+        state = start(stack_lanes([v for v, _ in inputs]))
         order = jnp.asarray(np.stack([o for _, o in inputs]))
-        variables, losses = jax.block_until_ready(train(init, order))
+        chunk = steps // even_chunks(steps, 20)
+        losses = []
+        desc = f"{NAME} {arm.name} ({i + 1}/{len(arms)})"
+        with ProgressBar(steps, desc=desc, unit="step", enabled=run_cfg.progress) as bar:
+            for k in range(0, steps, chunk):
+                state, chunk_losses = train(state, order[:, k : k + chunk])
+                losses.append(np.asarray(chunk_losses))
+                bar.update(chunk)
+        variables = {"params": state[0], "batch_stats": state[1]}
+        losses = np.concatenate(losses, axis=1)
         train_s = time.perf_counter() - t0
         eval_acc, trainmode_acc = _eval_fns(model, arm.batch_size)
         ev = jax.jit(jax.vmap(eval_acc, in_axes=(0, None, None)))
         tm = jax.jit(jax.vmap(trainmode_acc, in_axes=(0, None, None)))
-        losses = np.asarray(losses)
         tail = max(1, steps // 10)
         r: dict[str, Any] = {
             **asdict(arm),

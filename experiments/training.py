@@ -10,6 +10,8 @@ their peak learning rate, never in shapes, so a whole sweep is ``jax.vmap`` of o
   each lane scaled by its own peak learning rate.
 * `stack_lanes` / `lane`: between a list of per-run pytrees and one stacked pytree.
 * `epoch_batches`: minibatch indices drawn the same way by every vision experiment.
+* `even_chunks`: how many equal chunks to cut a run's steps into, so a progress bar can
+  advance between jitted calls without a second compilation for a shorter last chunk.
 
 Experiments whose update is not this one (the functional MLP of ``models_vision``, PowerNorm's
 backward statistic in ``powernorm_lm``, the sharded step of ``parallel``) keep their own step
@@ -141,3 +143,21 @@ def epoch_batches(seed: int, n_train: int, *, steps: int, batch: int) -> np.ndar
     epochs = -(-steps // per_epoch)
     perms = [rng.permutation(n_train)[: per_epoch * batch] for _ in range(epochs)]
     return np.concatenate(perms).reshape(-1, batch)[:steps].astype(np.int32)
+
+
+def even_chunks(total: int, max_chunks: int) -> int:
+    """The number of equal chunks to cut ``total`` steps into: the largest divisor of ``total``
+    that is at most ``max_chunks``.
+
+    Every chunk then has the same length, so a jitted chunk of steps compiles once; calling
+    it chunk after chunk (carrying the state) runs the same steps as one call over all of
+    them. A prime ``total`` above ``max_chunks`` gives 1 (one call, no intermediate progress).
+
+    Raises:
+        ValueError: If ``total`` or ``max_chunks`` is below 1.
+    """
+    if total < 1 or max_chunks < 1:
+        raise ValueError(
+            f"even_chunks: total={total} and max_chunks={max_chunks} must both be >= 1"
+        )
+    return max(d for d in range(1, min(total, max_chunks) + 1) if total % d == 0)

@@ -4,19 +4,24 @@ Every vision experiment runs once in ``--quick`` mode through the real entry poi
 (``experiments.__main__.main``) into a temporary folder; the tests then check the metric
 files, tables, figures and report sections it left there. The init-sweep program (jit + vmap
 over init scales + scans) is compared with an independent reference: a plain Python loop of
-SGD steps with a hand-written MLP and hand-written batch normalization.
+SGD steps with a hand-written MLP and hand-written batch normalization; the chunked training
+the experiments run (one jitted call per block, so a progress bar can advance) is compared
+bit for bit with the one-scan program. The progress bar itself is checked on fake terminals.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import importlib.metadata
+import io
 import math
 import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -24,10 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import cnn_norms, init_sweep, lr_sweep, overfit
+from experiments import cnn_norms, common, init_sweep, lr_sweep, overfit
 from experiments import models_vision as mv
 from experiments.__main__ import main
-from experiments.common import RunConfig, read_json, write_metrics
+from experiments.common import ProgressBar, RunConfig, progress, read_json, write_metrics
+from experiments.mlp_training import merge_chunks, mlp_train_chunk
+from experiments.training import even_chunks
 
 NAMES = ("init_sweep", "lr_sweep", "overfit", "cnn_norms")
 EXPERIMENTS = [e for m in (init_sweep, lr_sweep, overfit, cnn_norms) for e in m.EXPERIMENTS]
@@ -313,3 +320,197 @@ def test_scale_weights_keeps_biases_and_bn() -> None:
         np.testing.assert_allclose(b["w"], 0.5 * a["w"])
         np.testing.assert_array_equal(b["b"], a["b"])
     assert scaled["bn"] is params["bn"] and len(stats) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunked training (a jitted call per block) against the one-scan program, bit for bit
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_identical(got: dict, want: dict) -> None:
+    """Same keys, shapes, dtypes and bits (NaN equal to NaN)."""
+    assert set(got) == set(want)
+    for k in want:
+        a, b = np.asarray(got[k]), np.asarray(want[k])
+        assert a.shape == b.shape and a.dtype == b.dtype, (k, a.shape, b.shape, a.dtype, b.dtype)
+        np.testing.assert_array_equal(a, b, err_msg=k)
+
+
+def test_init_sweep_chunks_equal_the_one_scan_program(sweep_case: dict) -> None:
+    """What ``init_sweep.run`` computes (one call per epoch) is the one-scan program's output."""
+    c = sweep_case
+    n = len(c["y"])
+    data = mv.ArrayData(*(jnp.asarray(a) for a in (c["x"], c["y"], c["x"][:40], c["y"][:40])))
+    spec = mv.MLPSpec(depth=3, hidden=16, num_classes=4, bn_momentum=0.9)
+    order = jnp.asarray(c["order"])
+    chunk = jax.jit(init_sweep.make_init_sweep_chunk(spec, c["lr"]))
+    state = init_sweep.init_sweep_state(c["unit"], c["stds"])
+    steps_per_block = order.shape[1] * order.shape[2]
+    parts = []
+    for k in range(order.shape[0]):
+        count = jnp.asarray(k * steps_per_block, jnp.int32)
+        state, metrics = chunk(data, state, count, order[k : k + 1])
+        parts.append(jax.device_get(metrics))
+    got = merge_chunks(parts)
+    assert order.shape[0] == 3 and n == 96
+    for variant in ("plain", "bn"):
+        _assert_identical(got[variant], jax.device_get(c["out"][variant]))
+
+
+@pytest.mark.parametrize("per", ["block", "epoch"])
+def test_mlp_chunks_with_bn_and_dropout_equal_train_mlp(per: str) -> None:
+    """Chunks of whole blocks, or of single epochs evaluated only where a block ends (as
+    ``lr_sweep`` runs), give ``train_mlp``'s metrics bit for bit, dropout masks included."""
+    rng = np.random.default_rng(2)
+    n, d, seeds = 64, 12, 2
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = rng.integers(0, 3, n).astype(np.int32)
+    data = mv.ArrayData(jnp.asarray(x), jnp.asarray(y), jnp.asarray(x[:24]), jnp.asarray(y[:24]))
+    spec = mv.MLPSpec(depth=2, hidden=8, use_bn=True, dropout=0.25, num_classes=3)
+    blocks, epb = 2, 2
+    orders = jnp.asarray(
+        np.stack(
+            [
+                mv.minibatch_order(s, n, epochs=blocks * epb, batch_size=16, epochs_per_block=epb)
+                for s in range(seeds)
+            ]
+        )
+    )  # (seeds, blocks, epb, steps, batch)
+    params, stats = mv.init_mlp_seeds(jax.random.split(jax.random.key(3), seeds), d, spec, None)
+    keys = jax.random.split(jax.random.key(4), seeds)
+    lr = 0.05
+
+    def whole(order, params, stats, key):
+        return mv.train_mlp(data, order, params, stats, lr, key, spec=spec)
+
+    want = jax.device_get(jax.jit(jax.vmap(whole))(orders, params, stats, keys))
+
+    def chunk(params, stats, count, order, key, *, evaluate):
+        return mlp_train_chunk(
+            data, params, stats, count, order, lr, key, spec=spec, evaluate=evaluate
+        )
+
+    runs = {
+        evaluate: jax.jit(jax.vmap(functools.partial(chunk, evaluate=evaluate), (0, 0, None, 0, 0)))
+        for evaluate in (False, True)
+    }
+    steps = orders.shape[3]
+    if per == "block":
+        slices = [(orders[:, k : k + 1], True) for k in range(blocks)]
+        step_counts = [k * epb * steps for k in range(blocks)]
+    else:
+        flat = orders.reshape(seeds, blocks * epb, 1, *orders.shape[3:])
+        slices = [(flat[:, e : e + 1], (e + 1) % epb == 0) for e in range(blocks * epb)]
+        step_counts = [e * steps for e in range(blocks * epb)]
+    parts = []
+    for (order, evaluate), count in zip(slices, step_counts, strict=True):
+        count = jnp.asarray(count, jnp.int32)
+        params, stats, metrics = runs[evaluate](params, stats, count, order, keys)
+        parts.append(jax.device_get(metrics))
+    got = merge_chunks(parts)
+    _assert_identical(got, want)
+    # The dropout masks differ per step: a chunk that restarted the step count would not.
+    assert not np.array_equal(want["train_loss"][:, 0], want["train_loss"][:, 1])
+
+
+def test_merge_chunks_ors_divergence_over_chunks() -> None:
+    no, yes = np.array([[False], [False]]), np.array([[False], [True]])
+    parts = [
+        {"v": {"train_loss": np.array([[1.0], [2.0]]), "nonfinite": no}},
+        {"v": {"train_loss": np.array([[3.0], [np.nan]]), "nonfinite": yes}},
+    ]
+    got = merge_chunks(parts)["v"]
+    np.testing.assert_array_equal(got["train_loss"], [[1.0, 3.0], [2.0, np.nan]])
+    np.testing.assert_array_equal(got["diverged"], [False, True])
+    assert set(got) == {"train_loss", "diverged"}
+
+
+@pytest.mark.parametrize("total", [1, 2, 7, 12, 64, 97, 160, 10240])
+def test_even_chunks_is_the_largest_divisor_up_to_the_limit(total: int) -> None:
+    want = max(d for d in range(1, 21) if total % d == 0)  # brute force
+    assert even_chunks(total, 20) == want
+    with pytest.raises(ValueError, match="must both be >= 1"):
+        even_chunks(0, 20)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bars: nothing off a terminal or when disabled; count, rate and ETA on one
+# ---------------------------------------------------------------------------------------------
+
+
+class _Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class _Clock:
+    """A fake ``time.perf_counter`` that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_writes_nothing_off_a_terminal_or_when_disabled(monkeypatch) -> None:
+    for stream, enabled in ((io.StringIO(), True), (_Terminal(), False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        with ProgressBar(3, desc="x", enabled=enabled) as bar:
+            bar.update(2)
+            print("a line")
+            bar.update(1)
+        assert list(progress([1, 2, 3], desc="y", enabled=enabled)) == [1, 2, 3]
+        assert stream.getvalue() == ""
+        assert not isinstance(sys.stdout, common._BarAwareStdout)
+
+
+def test_progress_bar_shows_count_rate_and_eta_on_a_terminal(monkeypatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    out = _Terminal()
+    bar = ProgressBar(10, desc="sweep", unit="epoch", stream=out, min_interval=0.0)
+    clock.now += 30.0  # compiling: before the first update, left out of the rate
+    bar.update(1)
+    clock.now += 4.0
+    bar.update(2)  # 2 epochs in 4 s since the first update: 0.5 epoch/s, 7 left -> 14 s
+    line = out.getvalue().split("\r\033[K")[-1]
+    assert line == "sweep  30%|######              | 3/10 epoch [0:34<0:14, 2 s/epoch]"
+    clock.now += 14.0
+    bar.update(7)  # reaching the total closes the bar and leaves its final line
+    final = out.getvalue().split("\r\033[K")[-1]  # 9 epochs in 18 s since the first update
+    assert final == "sweep 100%|####################| 10/10 epoch [0:48, 2 s/epoch]\n"
+    written = out.getvalue()
+    bar.close()  # a second close writes nothing more
+    assert out.getvalue() == written
+
+
+def test_print_during_a_bar_starts_on_a_clean_line(monkeypatch) -> None:
+    err, out = _Terminal(), _Terminal()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    with ProgressBar(2, desc="bar", min_interval=0.0) as bar:
+        bar.update(1)
+        drawn = len(err.getvalue())
+        print("row 1")
+        # The bar's line was cleared before the text, and the bar drawn again after it.
+        assert err.getvalue()[drawn:].startswith("\r\033[K")
+        assert "bar  50%" in err.getvalue()[drawn:]
+        bar.update(1)
+    assert out.getvalue() == "row 1\n"
+    assert sys.stdout is out  # restored when the bar closed
+
+
+def test_progress_counts_an_item_when_the_next_is_asked_for(monkeypatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    out = _Terminal()
+    it = progress(range(3), desc="it", stream=out)
+    assert "0/3" in out.getvalue()  # drawn as soon as it is made
+    assert next(it) == 0 and "1/3" not in out.getvalue()
+    clock.now += 1.0  # the work on item 0
+    assert next(it) == 1 and "1/3" in out.getvalue()
+    clock.now += 1.0
+    assert list(it) == [2] and out.getvalue().endswith("\n") and "3/3" in out.getvalue()
