@@ -32,7 +32,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks.ops import OPS, SHAPES, run_row
+from benchmarks.ops import OPS, SHAPES, progress_setting, row_progress, run_row
 from benchmarks.report import format_rows, machine_info
 
 
@@ -52,33 +52,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--residual", action="store_true", help="fused add + norm rows only")
     parser.add_argument("--no-sync", action="store_true", help="skip synchronized BN rows")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/)")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (none off a terminal anyway)"
+    )
     args = parser.parse_args(argv)
+    with progress_setting(not args.no_progress):
+        return _run(args, argv)
 
+
+def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Runs and writes the rows that ``args`` select."""
     info = machine_info()
     filtered = bool(args.op or args.shape or args.dtype or args.direction)
     only = args.models or args.dyt or args.sync or args.residual
     rows = []
-    if not only:
-        for op in args.op or sorted(OPS):
-            shapes = SHAPES[OPS[op].family]
-            if args.shape:
-                wanted = [tuple(int(s) for s in sh.split(",")) for sh in args.shape]
-                # BN rows take NHWC shapes; LN/RMS rows take any other rank.
-                shapes = [s for s in wanted if (len(s) == 4) == (OPS[op].family == "bn")]
-            for shape in shapes:
-                for dtype in args.dtype or ["float32", "bfloat16"]:
-                    for direction in args.direction or ["fwd", "fwd_bwd"]:
-                        row = run_row(
-                            op,
-                            shape,
-                            dtype,
-                            direction,
-                            repeats=args.repeats,
-                            min_time=args.min_time,
-                            with_torch=not args.no_torch,
-                        )
-                        rows.append(row)
-                        print(format_rows([row], header=len(rows) == 1), flush=True)
+    grid = []  # (op, shape, dtype, direction) of every op row
+    for op in [] if only else args.op or sorted(OPS):
+        shapes = SHAPES[OPS[op].family]
+        if args.shape:
+            wanted = [tuple(int(s) for s in sh.split(",")) for sh in args.shape]
+            # BN rows take NHWC shapes; LN/RMS rows take any other rank.
+            shapes = [s for s in wanted if (len(s) == 4) == (OPS[op].family == "bn")]
+        for shape in shapes:
+            for dtype in args.dtype or ["float32", "bfloat16"]:
+                for direction in args.direction or ["fwd", "fwd_bwd"]:
+                    grid.append((op, shape, dtype, direction))
+    if grid:
+        with row_progress(len(grid), args.repeats, desc="op rows"):
+            for op, shape, dtype, direction in grid:
+                row = run_row(
+                    op,
+                    shape,
+                    dtype,
+                    direction,
+                    repeats=args.repeats,
+                    min_time=args.min_time,
+                    with_torch=not args.no_torch,
+                )
+                rows.append(row)
+                print(format_rows([row], header=len(rows) == 1), flush=True)
     dyt_rows = []
     if args.dyt or not (args.op or args.shape or args.dtype or args.direction or only):
         from benchmarks.dyt import run_dyt_rows

@@ -14,6 +14,7 @@ Run with ``python -m benchmarks --dyt`` (DyT rows only) or as part of the full r
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
-from benchmarks.ops import SHAPES, time_interleaved
+from benchmarks.ops import SHAPES, row_progress, time_interleaved
 
 EPS = 1e-5
 COLUMNS = ("dyt", "layer_norm", "flax_ln", "torch_dyt", "torch_ln")
@@ -152,19 +153,25 @@ def run_dyt_rows(
 ) -> list[dict]:
     """Every DyT row (LN shapes × dtypes × directions), each printed as it finishes."""
     rows: list[dict] = []
-    for shape in shapes or SHAPES["per_sample"]:
-        for dtype in dtypes or ["float32", "bfloat16"]:
-            for direction in directions or ["fwd", "fwd_bwd"]:
-                row = run_dyt_row(
-                    shape,
-                    dtype,
-                    direction,
-                    repeats=repeats,
-                    min_time=min_time,
-                    with_torch=with_torch,
-                )
-                rows.append(row)
-                print(format_dyt_rows([row], header=len(rows) == 1), flush=True)
+    grid = list(
+        itertools.product(
+            shapes or SHAPES["per_sample"],
+            dtypes or ["float32", "bfloat16"],
+            directions or ["fwd", "fwd_bwd"],
+        )
+    )
+    with row_progress(len(grid), repeats, desc="dyt rows"):
+        for shape, dtype, direction in grid:
+            row = run_dyt_row(
+                shape,
+                dtype,
+                direction,
+                repeats=repeats,
+                min_time=min_time,
+                with_torch=with_torch,
+            )
+            rows.append(row)
+            print(format_dyt_rows([row], header=len(rows) == 1), flush=True)
     return rows
 
 

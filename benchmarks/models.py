@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 import jaxnorm.linen as jnn
-from benchmarks.ops import time_interleaved
+from benchmarks.ops import row_progress, time_interleaved
 
 
 class CNN(nn.Module):
@@ -115,31 +115,36 @@ def _setup(name: str, impl: str) -> tuple[Callable, tuple[Any, ...]]:
 def run_model_rows(repeats: int = 9) -> list[dict]:
     """Time both models with jaxnorm and flax norms; print and return the rows."""
     rows = []
-    for name in ("cnn_mnist_bn", "transformer_char_ln"):
-        compiled, info = {}, {}
-        for impl in ("jaxnorm", "flax"):
-            step, args = _setup(name, impl)
-            t0 = time.perf_counter()
-            exe = jax.jit(step).lower(*args).compile()
-            compile_s = time.perf_counter() - t0
-            mem = exe.memory_analysis()
-            temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
-            compiled[impl] = lambda exe=exe, args=args: exe(*args)
-            info[impl] = {"compile_s": compile_s, "temp_bytes": temp}
-        timing = time_interleaved(compiled, repeats, min_time=0.05)
-        row = {
-            "model": name,
-            "timing": timing,
-            "info": info,
-            "step_ratio_jaxnorm/flax": timing["jaxnorm"]["median_s"] / timing["flax"]["median_s"],
-        }
-        if info["jaxnorm"]["temp_bytes"] and info["flax"]["temp_bytes"]:
-            row["temp_ratio_jaxnorm/flax"] = (
-                info["jaxnorm"]["temp_bytes"] / info["flax"]["temp_bytes"]
-            )
-        rows.append(row)
-        print(format_model_row(row), flush=True)
+    names = ("cnn_mnist_bn", "transformer_char_ln")
+    with row_progress(len(names), repeats, desc="model rows"):
+        for name in names:
+            rows.append(_model_row(name, repeats))
+            print(format_model_row(rows[-1]), flush=True)
     return rows
+
+
+def _model_row(name: str, repeats: int) -> dict:
+    """One model's row: both implementations compiled, then timed interleaved."""
+    compiled, info = {}, {}
+    for impl in ("jaxnorm", "flax"):
+        step, args = _setup(name, impl)
+        t0 = time.perf_counter()
+        exe = jax.jit(step).lower(*args).compile()
+        compile_s = time.perf_counter() - t0
+        mem = exe.memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", None) if mem is not None else None
+        compiled[impl] = lambda exe=exe, args=args: exe(*args)
+        info[impl] = {"compile_s": compile_s, "temp_bytes": temp}
+    timing = time_interleaved(compiled, repeats, min_time=0.05)
+    row = {
+        "model": name,
+        "timing": timing,
+        "info": info,
+        "step_ratio_jaxnorm/flax": timing["jaxnorm"]["median_s"] / timing["flax"]["median_s"],
+    }
+    if info["jaxnorm"]["temp_bytes"] and info["flax"]["temp_bytes"]:
+        row["temp_ratio_jaxnorm/flax"] = info["jaxnorm"]["temp_bytes"] / info["flax"]["temp_bytes"]
+    return row
 
 
 def format_model_row(row: dict) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
+from experiments.common import ProgressBar
 
 SHAPES = {
     "per_sample": [(8192, 1024), (65536, 128), (2048, 4096)],
@@ -195,13 +197,56 @@ def _sample(fn: Callable, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+_progress = {"enabled": True}  # python -m benchmarks --no-progress turns the bars off
+_bars: list[ProgressBar] = []  # open row_progress bars; time_interleaved advances the last
+
+
+@contextlib.contextmanager
+def progress_setting(enabled: bool) -> Iterator[None]:
+    """Within the block, `row_progress` bars are drawn (on a terminal) only if ``enabled``;
+    the setting before it comes back afterwards."""
+    before = _progress["enabled"]
+    _progress["enabled"] = enabled
+    try:
+        yield
+    finally:
+        _progress["enabled"] = before
+
+
+def progress_enabled() -> bool:
+    """Whether `row_progress` bars are drawn (on a terminal)."""
+    return _progress["enabled"]
+
+
+@contextlib.contextmanager
+def row_progress(rows: int, repeats: int, *, desc: str) -> Iterator[ProgressBar]:
+    """A progress bar over ``rows`` rows of ``repeats`` repeats each.
+
+    Every repeat that `time_interleaved` runs inside the block advances it by one (a
+    repeat times each column once for about ``min_time``, so repeats take similar times
+    across rows and the ETA holds). Draws only on a terminal and when `progress_enabled`.
+    """
+    bar = ProgressBar(rows * repeats, desc=desc, unit="repeat", enabled=_progress["enabled"])
+    _bars.append(bar)
+    try:
+        yield bar
+    finally:
+        _bars.remove(bar)
+        bar.close()
+
+
 def time_interleaved(columns: dict[str, Callable], repeats: int, min_time: float) -> dict:
-    """Median seconds per call of each column, sampled round-robin ``repeats`` times."""
+    """Median seconds per call of each column, sampled round-robin ``repeats`` times.
+
+    Inside `row_progress`, each repeat advances its bar.
+    """
     counts = {k: _calibrate(f, min_time) for k, f in columns.items()}
     samples: dict[str, list[float]] = {k: [] for k in columns}
     for _ in range(repeats):
         for k, f in columns.items():
             samples[k].append(_sample(f, counts[k]))
+        if _bars:
+            _bars[-1].update(1)
     out = {}
     for k, s in samples.items():
         q = statistics.quantiles(s, n=4) if len(s) >= 2 else [s[0]] * 3

@@ -18,6 +18,7 @@ Run with ``python -m benchmarks --residual`` (these rows only) or as part of the
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxnorm
-from benchmarks.ops import time_interleaved
+from benchmarks.ops import row_progress, time_interleaved
 
 EPS = 1e-5
 SHAPES = [(8192, 1024), (2048, 4096)]
@@ -140,15 +141,21 @@ def run_residual_rows(
 ) -> list[dict]:
     """Every row (kinds × shapes × streams × directions), each printed as it finishes."""
     rows: list[dict] = []
-    for kind in kinds or KINDS:
-        for shape in shapes or SHAPES:
-            for stream in streams or list(STREAMS):
-                for direction in directions or ["fwd", "fwd_bwd"]:
-                    row = run_residual_row(
-                        kind, shape, stream, direction, repeats=repeats, min_time=min_time
-                    )
-                    rows.append(row)
-                    print(format_residual_rows([row], header=len(rows) == 1), flush=True)
+    grid = list(
+        itertools.product(
+            kinds or KINDS,
+            shapes or SHAPES,
+            streams or list(STREAMS),
+            directions or ["fwd", "fwd_bwd"],
+        )
+    )
+    with row_progress(len(grid), repeats, desc="residual rows"):
+        for kind, shape, stream, direction in grid:
+            row = run_residual_row(
+                kind, shape, stream, direction, repeats=repeats, min_time=min_time
+            )
+            rows.append(row)
+            print(format_residual_rows([row], header=len(rows) == 1), flush=True)
     return rows
 
 

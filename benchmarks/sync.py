@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxnorm.linen as jnn
 from benchmarks.models import CNN, _train_step
-from benchmarks.ops import time_interleaved
+from benchmarks.ops import progress_enabled, progress_setting, row_progress, time_interleaved
 from benchmarks.report import machine_info
 
 DEVICES = 8
@@ -190,28 +190,30 @@ def run_sync_rows(
 ) -> list[dict]:
     """Time every column for each device count and global batch; print and return the rows."""
     rows = []
-    for devices, batch in ((n, b) for n in device_rows for b in batches):
-        steps = build_steps(devices, batch)
-        compiled, compile_s = {}, {}
-        for column, (step, args) in steps.items():
-            t0 = time.perf_counter()
-            exe = step.lower(*args).compile()
-            compile_s[column] = time.perf_counter() - t0
-            compiled[column] = lambda exe=exe, args=args: exe(*args)
-        timing = time_interleaved(compiled, repeats, min_time=min_time)
-        row = {
-            "model": "cnn_mnist_bn",
-            "devices": devices,
-            "global_batch": batch,
-            "timing": timing,
-            "compile_s": compile_s,
-            "ratios": {
-                name: timing[a]["median_s"] / timing[b]["median_s"]
-                for name, (a, b) in RATIOS.items()
-            },
-        }
-        rows.append(row)
-        print(format_sync_row(row), flush=True)
+    grid = [(n, b) for n in device_rows for b in batches]
+    with row_progress(len(grid), repeats, desc="sync rows"):
+        for devices, batch in grid:
+            steps = build_steps(devices, batch)
+            compiled, compile_s = {}, {}
+            for column, (step, args) in steps.items():
+                t0 = time.perf_counter()
+                exe = step.lower(*args).compile()
+                compile_s[column] = time.perf_counter() - t0
+                compiled[column] = lambda exe=exe, args=args: exe(*args)
+            timing = time_interleaved(compiled, repeats, min_time=min_time)
+            row = {
+                "model": "cnn_mnist_bn",
+                "devices": devices,
+                "global_batch": batch,
+                "timing": timing,
+                "compile_s": compile_s,
+                "ratios": {
+                    name: timing[a]["median_s"] / timing[b]["median_s"]
+                    for name, (a, b) in RATIOS.items()
+                },
+            }
+            rows.append(row)
+            print(format_sync_row(row), flush=True)
     return rows
 
 
@@ -233,6 +235,7 @@ def run_sync_rows_subprocess(
             "--min-time", str(min_time), "--out", str(out),
             *(a for n in device_rows for a in ("--devices", str(n))),
             *(a for b in batches for a in ("--batch", str(b))),
+            *([] if progress_enabled() else ["--no-progress"]),
         ]  # fmt: skip
         subprocess.run(cmd, check=True, env=_cpu_env(max(device_rows)))
         return json.loads(out.read_text(encoding="utf-8"))["sync_rows"]
@@ -268,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats per row")
     parser.add_argument("--min-time", type=float, default=0.05, help="seconds per sample")
     parser.add_argument("--out", default=None, help="JSON path (default: print only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     batches = tuple(args.batch or (128,))
     device_rows = tuple(args.devices or DEVICE_ROWS)
@@ -281,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         cmd = [sys.executable, "-m", "benchmarks.sync", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=_cpu_env(need)).returncode
-    rows = run_sync_rows(args.repeats, args.min_time, device_rows, batches)
+    with progress_setting(not args.no_progress):
+        rows = run_sync_rows(args.repeats, args.min_time, device_rows, batches)
     if args.out:
         payload = {"machine": machine_info(), "sync_rows": rows}
         Path(args.out).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
