@@ -563,7 +563,7 @@ def plot(folder: Path) -> None:
     x = np.arange(len(variants))
     cols = [variant_color(v, variants) for v in variants]
     labels = [variant_label(v).replace(" (", "\n(") for v in variants]
-    panels = [(m["norm_speed"][s], f"norm alone, x {s}: fwd+bwd", 1e6, "µs") for s in shapes]
+    panels = [(m["norm_speed"][s], f"norm alone on {s}: fwd+bwd", 1e6, "µs") for s in shapes]
     panels.append((m["step_speed"], f"train step, {m['lanes']} lanes vmapped", 1e3, "ms"))
     for ax, (per, title, unit, uname) in zip(axes, panels, strict=True):
         med = np.array([per[v]["median_s"] for v in variants]) * unit
@@ -718,8 +718,20 @@ def _verdict(m: dict[str, Any]) -> str:
         )
         + "."
     )
+    ln_q = (st["layernorm"]["q25_s"], st["layernorm"]["q75_s"])
+    if all(st[v]["q25_s"] <= ln_q[1] and st[v]["q75_s"] >= ln_q[0] for v in variants):
+        parts.append(
+            "In this model the norms are a small share of a step: every step time lies within "
+            "LayerNorm's quartiles, so the norm's own speed-up does not show in training."
+        )
+    dyts = [v for v in variants if v.startswith("dyt:")]
     if matches and all(matches):
-        parts.append("The claim holds here: every DyT initialization reaches LayerNorm's bpc.")
+        parts.append(
+            "The claim holds here within seed noise: every DyT initialization reaches "
+            "LayerNorm's bpc (3 seeds; the DyT means are "
+            + ", ".join(f"{arr(res[v]['eval_bpc']).mean() - ln.mean():+.3f}" for v in dyts)
+            + " bpc from LayerNorm's)."
+        )
     elif any(matches):
         parts.append(
             "The claim holds only for some alpha initializations here: DyT is sensitive to "
@@ -727,6 +739,32 @@ def _verdict(m: dict[str, Any]) -> str:
         )
     elif matches:
         parts.append("The claim does not hold here: no DyT initialization reaches LayerNorm.")
+    if "none" in res and dyts:
+        no = arr(res["none"]["eval_bpc"])
+        if np.all(np.isfinite(no)) and no.mean() - ln.mean() <= 2 * max(no.std(), ln.std()):
+            parts.append(
+                f"But no norm at all does as well or better at lr {c['peak_lr']:g} "
+                f"({no.mean():.3f} bpc): at this depth and budget matching LayerNorm's bpc is "
+                "a weak test."
+            )
+        hi = c["stability_lrs"]
+        none_div = [
+            lr for j, lr in enumerate(hi) if res["none"]["divergence_step"][n_main + j] is not None
+        ]
+        safe = [
+            v
+            for v in variants
+            if v != "none"
+            and all(res[v]["divergence_step"][n_main + hi.index(lr)] is None for lr in none_div)
+        ]
+        if none_div and safe:
+            parts.append(
+                "Stability is where the norm matters: without one the model diverged at lr "
+                + ", ".join(f"{lr:g}" for lr in none_div)
+                + ", where "
+                + ", ".join(variant_label(v) for v in safe)
+                + " trained on (one seed each)."
+            )
     return " ".join(parts)
 
 
