@@ -44,7 +44,7 @@ from experiments.lm_training import (
     train_lm_lanes,
 )
 from experiments.models_language import NORM_COLORS, NORM_LABELS, NormKind, TransformerLM
-from experiments.plotting import pyplot, trailing_mean
+from experiments.plotting import focus_ylim, pyplot, trailing_mean
 from experiments.reporting import arr, command, mean, ordered_variants, pm_or_diverged
 from experiments.training import Lanes, flax_variables, lane, unit_adamw
 
@@ -340,6 +340,7 @@ def plot(folder: Path) -> None:
     m = read_json(Path(folder) / "metrics.json")
     plt = pyplot()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    bands = []  # the training-loss bands, for the y range
     for norm, v in ordered_variants(m).items():
         color = NORM_COLORS.get(norm)
         loss = nats_to_bpc(arr(v["train_loss"]))  # (seeds, steps)
@@ -347,6 +348,7 @@ def plot(folder: Path) -> None:
         steps = np.arange(1, sm.shape[1] + 1)
         ax_loss.plot(steps, np.nanmean(sm, 0), color=color, label=NORM_LABELS.get(norm, norm))
         ax_loss.fill_between(steps, np.nanmin(sm, 0), np.nanmax(sm, 0), color=color, alpha=0.2)
+        bands += [np.nanmin(sm, 0), np.nanmax(sm, 0)]
         ck = arr(v["checkpoint_step"])
         val = arr(v["checkpoint_eval_val_bpc"])  # (checkpoints, seeds)
         ax_val.errorbar(
@@ -369,15 +371,18 @@ def plot(folder: Path) -> None:
                 ms=4,
                 label=f"{NORM_LABELS.get(norm, norm)} (train mode: batch stats)",
             )
-    ax_loss.set(xlabel="step", ylabel="train bits/char (20-step mean)", title="Training loss")
+    ax_loss.set(
+        xlabel="step",
+        ylabel="train bits/char (20-step mean)",
+        title="Training loss (mean; band: min–max over seeds)",
+    )
     ax_val.set(xlabel="step", ylabel="validation bits/char", title="Validation (mean ± sd, seeds)")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    top = np.nanpercentile(
-        nats_to_bpc(arr(m["variants"][next(iter(m["variants"]))]["train_loss"])), 60
-    )
-    ax_loss.set_ylim(top=max(top * 1.3, 1.0), bottom=0)
+    # The first steps (from ~log2(vocab) bits down) run off the top: the y range is where
+    # the curves spend the rest of training, so their differences stay readable.
+    focus_ylim(ax_loss, bands)
     fig.tight_layout()
     fig.savefig(Path(folder) / "charlm_curves.png", dpi=110)
     plt.close(fig)
@@ -385,7 +390,9 @@ def plot(folder: Path) -> None:
     st = m["stability"]
     fig, (ax_f, ax_c) = plt.subplots(1, 2, figsize=(11, 4))
     norms = list(dict.fromkeys(r["norm"] for r in st["runs"]))
-    for norm in norms:
+    # Distinct markers and dashes: curves that coincide (LayerNorm and RMSNorm) stay visible.
+    markers, dashes = "oDs^v", ["-", "--", "-.", ":", (0, (5, 1))]
+    for i, norm in enumerate(norms):
         runs = [r for r in st["runs"] if r["norm"] == norm]
         color = NORM_COLORS.get(norm)
         lrs = [r["peak_lr"] for r in runs]
@@ -394,39 +401,44 @@ def plot(folder: Path) -> None:
         ax_f.plot(
             lrs,
             nats_to_bpc(arr(finals_plot)),
-            marker="o",
+            marker=markers[i % len(markers)],
+            mfc="none",
+            ls=dashes[i % len(dashes)],
             color=color,
             label=NORM_LABELS.get(norm, norm),
         )
         for r in runs:
             if r["diverged_step"] is not None:
-                y = (
-                    nats_to_bpc(r["final_train_loss"])
-                    if math.isfinite(r["final_train_loss"])
-                    else None
-                )
+                finite = math.isfinite(r["final_train_loss"])
+                # A non-finite final loss has no y: mark it at the top of the axes instead.
+                y = nats_to_bpc(r["final_train_loss"]) if finite else 0.97
+                where = ax_f.transData if finite else ax_f.get_xaxis_transform()
+                ax_f.plot([r["peak_lr"]], [y], marker="x", color=color, ms=10, transform=where)
                 ax_f.annotate(
-                    f"diverged @{r['diverged_step']}",
-                    (r["peak_lr"], y if y else 0),
+                    f"diverged at step {r['diverged_step']}" + ("" if finite else " (NaN)"),
+                    (r["peak_lr"], y),
+                    xycoords=where,
                     color=color,
                     fontsize=7,
-                    xytext=(3, 3),
+                    xytext=(-6, -3),
                     textcoords="offset points",
+                    ha="right",
+                    va="top",
                 )
-                ax_f.plot([r["peak_lr"]], [y if y else 0], marker="x", color=color, ms=10)
         top = max(runs, key=lambda r: r["peak_lr"])
         curve = nats_to_bpc(trailing_mean(arr(top["train_loss"]), 5))
         ax_c.plot(
             np.arange(1, len(curve) + 1),
             curve,
             color=color,
+            ls=dashes[i % len(dashes)],
             label=f"{NORM_LABELS.get(norm, norm)}, lr {top['peak_lr']:g}",
         )
     ax_f.set(
         xscale="log",
         xlabel="peak learning rate",
         ylabel="final train bits/char",
-        title=f"Stability sweep: {st['layers']} layers, {st['steps']} steps",
+        title=f"Stability sweep: {st['layers']} layers, {st['steps']} steps, one seed per point",
     )
     ax_c.set(
         xlabel="step",

@@ -254,13 +254,15 @@ def plot(folder: Path) -> None:
                     alpha=0.2,
                 )
         axes[0].set_ylabel("test accuracy")
-        axes[1].set_ylabel("test loss")
+        axes[1].set_ylabel("test loss (cross-entropy, nats)")
         axes[1].set_yscale("log")
         for ax in axes:
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"small CNN on {ds}, mean ± std over seeds", fontsize=10)
+        name = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}.get(ds, ds)
+        n_seeds = len(r[m["norms"][0]]["eval_acc"])
+        fig.suptitle(f"small CNN on {name}, mean ± std over {n_seeds} seeds", fontsize=10)
         fig.tight_layout()
         fig.savefig(folder / f"cnn_norms_{ds}.png", dpi=110)
         plt.close(fig)

@@ -246,13 +246,17 @@ def plot(folder: Path) -> None:
         ax.set_ylim(0, 1.02)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=2, fontsize=8, frameon=False)
     fig.supxlabel("epoch")
     fig.supylabel("train accuracy (inference mode)")
     c = m["config"]
     fig.suptitle(
-        f"{c['depth']}x{c['hidden']} ReLU MLP, {c['n_train']} MNIST images, SGD lr={c['lr']}",
+        f"{c['depth']}x{c['hidden']} ReLU MLP, {c['n_train']} MNIST images, SGD lr={c['lr']}, "
+        f"one seed; panel title: weight init std",
         fontsize=10,
+        x=0.02,
+        ha="left",
     )
     fig.tight_layout()
     fig.savefig(folder / "init_sweep.png", dpi=110)
@@ -262,6 +266,7 @@ def plot(folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(5, 3.2))
     ax.semilogx(stds, s["plain"], "o-", color="tab:gray", label="no BN")
     ax.semilogx(stds, s["bn"], "o-", color="tab:blue", label="BN")
+    ax.set_title("one seed per point", fontsize=9)
     ax.set_xlabel("weight init std")
     ax.set_ylabel(f"train accuracy after {len(epochs)} epochs")
     ax.set_ylim(0, 1.02)

@@ -44,7 +44,7 @@ from experiments.models_vision import (
     init_mlp_seeds,
     minibatch_order,
 )
-from experiments.plotting import pyplot
+from experiments.plotting import pyplot, seed_band
 from experiments.reporting import command, pm
 
 NAME = "overfit"
@@ -185,7 +185,7 @@ def run(cfg: RunConfig) -> None:
 
 
 def plot(folder: Path) -> None:
-    """``overfit.png``: train and test accuracy per evaluation, mean over seeds."""
+    """``overfit.png``: train and test accuracy per evaluation, mean ± std over seeds."""
     m = read_json(folder / "metrics.json")
     plt = pyplot()
     epochs = m["eval_epochs"]
@@ -196,14 +196,12 @@ def plot(folder: Path) -> None:
         tr = np.array(m[name]["train_acc"], dtype=float)
         ev = np.array(m[name]["eval_acc"], dtype=float)
         c = colors.get(name)
-        axes[0].plot(epochs, tr.mean(0), "--", color=c, label=f"{info['label']} train")
-        axes[0].plot(epochs, ev.mean(0), "-", color=c, label=f"{info['label']} test")
-        gap = tr - ev
-        axes[1].plot(epochs, gap.mean(0), color=c, label=info["label"])
-        axes[1].fill_between(
-            epochs, gap.mean(0) - gap.std(0), gap.mean(0) + gap.std(0), color=c, alpha=0.2
-        )
-    axes[0].set_ylabel("accuracy (mean over seeds)")
+        seed_band(axes[0], epochs, tr, color=c, ls="--", label=f"{info['label']} train")
+        seed_band(axes[0], epochs, ev, color=c, label=f"{info['label']} test")
+        seed_band(axes[1], epochs, tr - ev, color=c, label=info["label"])
+    n_seeds = len(m[next(iter(m["variants"]))]["train_acc"])
+    fig.suptitle(f"mean ± std over {n_seeds} seeds", fontsize=9)
+    axes[0].set_ylabel("accuracy")
     axes[0].set_ylim(0.5, 1.01)
     axes[1].set_ylabel("train − test accuracy")
     for ax in axes:

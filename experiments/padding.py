@@ -38,7 +38,7 @@ from experiments.common import (
 )
 from experiments.data_text import VerseData, load_verse_splits
 from experiments.models_language import NORM_COLORS, NORM_LABELS, NormKind, TransformerClassifier
-from experiments.plotting import pyplot
+from experiments.plotting import pyplot, seed_band
 from experiments.reporting import arr, command, mean, ordered_variants, pm_or_diverged
 from experiments.training import (
     ApplyLoss,
@@ -407,10 +407,11 @@ def plot(folder: Path) -> None:
         color = NORM_COLORS.get(norm)
         ax_bar.bar(i, bacc.mean(), color=color, alpha=0.7)
         ax_bar.plot(np.full(len(bacc), i), bacc, "k.", ms=6)
-        ck = arr(v["checkpoint_val_balanced_accuracy"])
-        ax_curve.plot(
+        ck = arr(v["checkpoint_val_balanced_accuracy"])  # (checkpoints, seeds)
+        seed_band(
+            ax_curve,
             v["checkpoint_step"],
-            ck.mean(1),
+            ck.T,
             marker="o",
             ms=3,
             color=color,
@@ -424,8 +425,12 @@ def plot(folder: Path) -> None:
     ax_bar.set_ylim(max(0.0, lo - 0.05), 1.0)
     ax_bar.legend(fontsize=7)
     ax_curve.axhline(base, color="k", ls=":")
-    ax_curve.set(xlabel="step", ylabel="val balanced accuracy (subset)", title="Validation")
-    ax_curve.legend(fontsize=7)
+    ax_curve.set(
+        xlabel="step",
+        ylabel="val balanced accuracy (subset)",
+        title="Validation (mean ± std over seeds)",
+    )
+    ax_curve.legend(fontsize=7, loc="lower right")
     for ax in (ax_bar, ax_curve):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -445,12 +450,19 @@ def plot(folder: Path) -> None:
         ("masked", "batch stats, real tokens only", "tab:purple"),
     ]
     for j, (key, label, color) in enumerate(series):
-        shifts = [np.mean(src["layers"][n][f"{key}_mean_shift"]) for n in layer_names]
-        ratios = [
-            np.exp(np.mean(np.log(src["layers"][n][f"{key}_var_ratio"]))) for n in layer_names
-        ]
-        ax_shift.bar(x + (j - 1.5) * 0.2, shifts, 0.2, color=color, label=label)
-        ax_var.bar(x + (j - 1.5) * 0.2, ratios, 0.2, color=color, label=label)
+        # Bars: mean over the measured batches; error bars: ± 1 std over them (for the
+        # variance ratio, geometric: exp(mean ± std) of the log ratio).
+        shift = [arr(src["layers"][n][f"{key}_mean_shift"]) for n in layer_names]
+        log_ratio = [np.log(arr(src["layers"][n][f"{key}_var_ratio"])) for n in layer_names]
+        shifts = np.array([v.mean() for v in shift])
+        ratios = np.exp([v.mean() for v in log_ratio])
+        ratio_err = np.array(
+            [[r - np.exp(v.mean() - v.std()), np.exp(v.mean() + v.std()) - r]
+             for r, v in zip(ratios, log_ratio, strict=True)]
+        ).T  # fmt: skip
+        bar = {"color": color, "label": label, "capsize": 2, "error_kw": {"lw": 0.8}}
+        ax_shift.bar(x + (j - 1.5) * 0.2, shifts, 0.2, yerr=[v.std() for v in shift], **bar)
+        ax_var.bar(x + (j - 1.5) * 0.2, ratios, 0.2, yerr=ratio_err, **bar)
     for j, (norm, color) in enumerate(
         (("batchnorm", "tab:orange"), ("batchnorm_masked", "tab:green"))
     ):
@@ -466,12 +478,16 @@ def plot(folder: Path) -> None:
     for ax in (ax_shift, ax_var):
         ax.set_xticks(x, short, fontsize=7, rotation=30)
         ax.grid(alpha=0.3)
+    n_batches = len(src["pad_fraction"])
     ax_shift.set(
-        ylabel="mean_f |mu - mu_true| / sigma_true",
-        title="Mean shift from real-token statistics",
+        ylabel=r"mean over features of $|\mu - \mu_{true}|\,/\,\sigma_{true}$",
+        title=f"Mean shift from real-token statistics ({n_batches} batches, ± std)",
     )
     ax_var.axhline(1.0, color="k", lw=0.8)
-    ax_var.set(ylabel="geo-mean_f var / var_true", title="Variance ratio (1 = true)")
+    ax_var.set(
+        ylabel=r"geometric mean over features of $\sigma^2 / \sigma^2_{true}$",
+        title="Variance ratio (1 = true)",
+    )
     first = src["layers"][layer_names[0]]
     ax_scatter.scatter(
         src["pad_fraction"], first["padded_mean_shift"], color="tab:red", label="incl. padding"

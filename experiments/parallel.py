@@ -79,7 +79,7 @@ from experiments.common import (
 )
 from experiments.data_images import MNIST_MEAN, MNIST_STD, subset
 from experiments.models_vision import ArrayData, flat_arrays
-from experiments.plotting import pyplot
+from experiments.plotting import legend_below, pyplot
 from experiments.training import epoch_batches
 
 NAME = "data_parallel"
@@ -532,23 +532,26 @@ def plot(folder: Path) -> None:
     """``data_parallel.png``: loss curves of every run, and the running max of each gap."""
     m = read_json(folder / "metrics.json")
     plt = pyplot()
-    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(10, 4.8))
     styles = {"sync": "-", "masked": "--", "local": ":"}  # by the label's first word
+    colors: dict[str, str] = {}  # each run's colour, the same in both panels
     for label in m["run_order"]:
         r = m["runs"][label]
         steps = np.arange(1, len(r["train_loss"]) + 1)
         kind = label.split("_")[0]
-        ax.plot(
+        (line,) = ax.plot(
             steps,
             r["train_loss"],
             styles[kind],
             label=f"{label} (devices={r['devices']})",
             lw=1.6 if r["devices"] == 1 else 1.0,
         )
+        colors[label] = line.get_color()
     ax.set_xlabel("step")
-    ax.set_ylabel("train loss (global masked mean)")
+    ax.set_ylabel("train loss (cross-entropy, nats; global masked mean)")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    ax.set_title("every run (the 1- and N-device curves overlap)", fontsize=9)
+    legend_below(ax)
     ax.grid(alpha=0.3)
     for name, c in m["comparisons"].items():
         got = np.asarray(m["runs"][name]["train_loss"], float)
@@ -559,15 +562,19 @@ def plot(folder: Path) -> None:
             np.arange(1, len(diff) + 1),
             diff,
             styles[name.split("_")[0]],
+            color=colors.get(name),
             label=f"{name} vs {c['reference']}",
         )
     ax_diff.set_yscale("log")
     ax_diff.set_xlabel("step")
-    ax_diff.set_ylabel("max |loss difference| so far (floor 1e-12)")
-    ax_diff.legend(fontsize=7)
+    ax_diff.set_ylabel("max |loss difference| so far (nats; floor 1e-12)")
+    ax_diff.set_title("gap to the reference run (running max)", fontsize=9)
+    legend_below(ax_diff)
     ax_diff.grid(alpha=0.3)
     fig.suptitle(
-        f"data-parallel BatchNorm over {m['devices']} {m['backend']} devices vs. 1", fontsize=10
+        f"data-parallel BatchNorm over {m['devices']} {m['backend']} devices vs. 1 "
+        "(one seed: the runs differ only in how the batch is split)",
+        fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(folder / "data_parallel.png", dpi=110)

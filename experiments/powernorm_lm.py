@@ -40,7 +40,7 @@ from experiments.models_language import (
     NORM_LABELS,
     CharTransformer,
 )
-from experiments.plotting import pyplot
+from experiments.plotting import focus_ylim, pyplot
 from experiments.reporting import arr, command, diff_note, pm, quick_note
 from experiments.training import stack_lanes
 
@@ -327,6 +327,7 @@ def plot(folder: Path) -> None:
     plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     steps = np.asarray(m["eval_steps"])
+    bands = []  # the training-loss bands, for the y range
     for norm in c["norms"]:
         r = m["results"][norm]
         color, label = NORM_COLORS[norm], NORM_LABELS[norm]
@@ -342,6 +343,8 @@ def plot(folder: Path) -> None:
         smooth = np.stack([np.convolve(row, kernel, mode="valid") for row in loss])
         x = np.arange(smooth.shape[1]) + width
         ax2.plot(x, smooth.mean(0), color=color, label=label)
+        ax2.fill_between(x, smooth.min(0), smooth.max(0), color=color, alpha=0.15, lw=0)
+        bands += [smooth.min(0), smooth.max(0)]
     ax1.set_xlabel("step")
     ax1.set_ylabel(f"validation bits per character ({m['eval_windows']} windows)")
     ax1.set_title("Validation bpc (mean; band: min–max over seeds)")
@@ -349,7 +352,8 @@ def plot(folder: Path) -> None:
     ax1.grid(alpha=0.3)
     ax2.set_xlabel("step")
     ax2.set_ylabel("training loss (bits per character, moving average)")
-    ax2.set_title("Training loss (training mode)")
+    ax2.set_title("Training loss (training mode; band: min–max over seeds)")
+    focus_ylim(ax2, bands)  # the first steps run off the top
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
     all_bpc = np.concatenate([arr(m["results"][n]["eval_bpc_curve"]).ravel() for n in c["norms"]])

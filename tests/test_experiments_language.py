@@ -147,3 +147,26 @@ def test_eval_windows_are_shifted_and_spread():
     assert x[0, 0] == 0 and x[-1, 0] == 980  # first and last of the 99 windows
     with pytest.raises(ValueError, match="no window"):
         eval_windows(ids[:5], 10, limit=5)
+
+
+def test_focus_ylim_shows_the_range_after_the_initial_drop():
+    """The training-loss axis (charlm, powernorm_lm) spans where the curves spend their time:
+    from the lowest value to the highest after the first 10% of points, padded by 5%."""
+    from experiments.plotting import focus_ylim, pyplot
+
+    steps = np.arange(100)
+    fast = 2.3 + 3.0 * np.exp(-steps / 3.0)  # falls from 5.3 to 2.3 within the first steps
+    slow = np.where(steps < 10, 6.0, 3.4 - 0.008 * (steps - 10))  # 3.4 at step 10, then down
+    slow_with_nan = slow.copy()
+    slow_with_nan[50] = np.nan  # a non-finite point is ignored
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    focus_ylim(ax, [fast, slow_with_nan])
+    lo, hi = ax.get_ylim()
+    plt.close(fig)
+    want_lo = min(fast.min(), np.nanmin(slow))  # 2.3 + 3 e^(-99/3)
+    want_hi = max(fast[10:].max(), slow[10:].max())  # 3.4
+    span = want_hi - want_lo
+    assert lo == pytest.approx(want_lo - 0.05 * span, abs=1e-12)
+    assert hi == pytest.approx(want_hi + 0.05 * span, abs=1e-12)
+    assert lo > 2.0 and hi < 3.6  # not from 0, not up to the first steps' 6.0

@@ -34,6 +34,7 @@ from experiments import models_vision as mv
 from experiments.__main__ import main
 from experiments.common import ProgressBar, RunConfig, progress, read_json, write_metrics
 from experiments.mlp_training import merge_chunks, mlp_train_chunk
+from experiments.plotting import legend_below, pyplot
 from experiments.training import even_chunks
 
 NAMES = ("init_sweep", "lr_sweep", "overfit", "cnn_norms")
@@ -514,3 +515,17 @@ def test_progress_counts_an_item_when_the_next_is_asked_for(monkeypatch) -> None
     assert next(it) == 1 and "1/3" in out.getvalue()
     clock.now += 1.0
     assert list(it) == [2] and out.getvalue().endswith("\n") and "3/3" in out.getvalue()
+
+
+def test_legend_below_covers_no_data() -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for i in range(7):
+        ax.plot(np.arange(10), np.arange(10) * (i + 1), label=f"curve {i}")
+    legend = legend_below(ax)
+    fig.tight_layout()
+    fig.canvas.draw()
+    box, axes_box = legend.get_window_extent(), ax.get_window_extent()
+    plt.close(fig)
+    assert box.y1 <= axes_box.y0  # entirely under the plotting area
+    assert [t.get_text() for t in legend.get_texts()] == [f"curve {i}" for i in range(7)]
