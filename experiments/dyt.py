@@ -52,7 +52,7 @@ from experiments.lm_training import (
     lm_apply_loss,
     nats_to_bpc,
 )
-from experiments.models_language import NORM_COLORS, NORM_LABELS, CharTransformer, DyT
+from experiments.models_language import NORM_COLORS, NORM_LABELS, CharTransformer
 from experiments.plotting import pyplot, trailing_mean
 from experiments.reporting import arr, command, diff_note, pm, quick_note
 from experiments.training import init_lanes, make_train_chunk, unit_adamw
@@ -202,7 +202,7 @@ def _norm_layer(variant: str) -> Any:
     if norm == "rmsnorm":
         return jnn.RMSNorm()
     if norm == "dyt":
-        return DyT(alpha)
+        return jnn.DyT(alpha_init=alpha)
     return None
 
 
@@ -599,7 +599,7 @@ def report(folder: Path) -> str:
         f"{c['d_model']}, {c['n_layers']} layers, {c['n_heads']} heads, context {c['context']}) "
         f"on {m['text']} ({m['n_chars']:,} characters, vocabulary {m['vocab_size']}); every norm "
         "(two per block and the final one) is the variant: `jaxnorm.linen.LayerNorm`, "
-        "`jaxnorm.linen.RMSNorm`, DyT (`jaxnorm.dyt`, learnable scalar alpha with the initial "
+        "`jaxnorm.linen.RMSNorm`, `jaxnorm.linen.DyT` (learnable scalar alpha with the initial "
         "value given, per-channel scale and bias) or nothing. AdamW (peak lr "
         f"{c['peak_lr']:g}, {c['warmup_frac']:.0%} warm-up, cosine to {c['end_lr_frac']}×, "
         f"weight decay {c['weight_decay']}), batch {c['batch_size']}, {c['steps']} steps = "

@@ -9,7 +9,8 @@ Two models share one pre-norm block:
 
 A third, `CharTransformer` (``powernorm_lm``, ``qk_norm``, ``dyt``), is a decoder-only character
 model whose norm is LayerNorm, BatchNorm, :class:`jaxnorm.variants_linen.PowerNorm`, RMSNorm,
-Dynamic Tanh (`DyT`) or none, with optional QK-norm (:func:`jaxnorm.qk_norm`) in its attention.
+Dynamic Tanh (:class:`jaxnorm.linen.DyT`) or none, with optional QK-norm
+(:func:`jaxnorm.qk_norm`) in its attention.
 
 Every normalization comes from `Norm`, which picks one of `NORM_KINDS`:
 
@@ -301,24 +302,6 @@ class CausalSelfAttention(nn.Module):
         return nn.Dense(d, use_bias=False)(out)
 
 
-class DyT(nn.Module):
-    """Dynamic Tanh (Zhu et al., 2025): ``scale * tanh(alpha * x) + bias`` via :func:`jaxnorm.dyt`.
-
-    ``alpha`` is one learnable scalar (initialized to ``alpha_init``); ``scale`` (ones) and
-    ``bias`` (zeros) are per feature, over the last axis.
-    """
-
-    alpha_init: float = 0.5  # initial alpha (the paper's default; language models tune it)
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """``scale * tanh(alpha * x) + bias`` of ``x`` ``(..., features)``."""
-        alpha = self.param("alpha", nn.initializers.constant(self.alpha_init), ())
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        return jaxnorm.dyt(x, alpha, scale, bias)
-
-
 class CharTransformer(nn.Module):
     """A pre-norm, decoder-only character Transformer with a choice of norm layer.
 
@@ -326,7 +309,8 @@ class CharTransformer(nn.Module):
     (:class:`jaxnorm.linen.LayerNorm`), ``"batchnorm"`` (:class:`jaxnorm.linen.BatchNorm`
     over batch x time, running statistics in evaluation), ``"powernorm"``
     (:class:`jaxnorm.variants_linen.PowerNorm`), ``"rmsnorm"`` (:class:`jaxnorm.linen.RMSNorm`),
-    ``"dyt"`` (`DyT`, alpha initialized to ``dyt_alpha``) or ``"none"`` (identity).
+    ``"dyt"`` (:class:`jaxnorm.linen.DyT`, alpha initialized to ``dyt_alpha``) or ``"none"``
+    (identity).
     ``qk_norm`` adds QK-norm to every attention layer (`CausalSelfAttention`).
 
     Attributes:
@@ -340,7 +324,7 @@ class CharTransformer(nn.Module):
       bn_momentum: BatchNorm momentum.
       pn_momentum: PowerNorm momentum (forward and backward).
       qk_norm: None, or the QK-norm kind (``"layer"``/``"rms"``) of every attention layer.
-      dyt_alpha: initial alpha of every `DyT` (``norm="dyt"`` only).
+      dyt_alpha: initial alpha of every DyT (``norm="dyt"`` only).
     """
 
     vocab_size: int
@@ -369,7 +353,7 @@ class CharTransformer(nn.Module):
         if self.norm == "rmsnorm":
             return jnn.RMSNorm(name=name)(x)
         if self.norm == "dyt":
-            return DyT(self.dyt_alpha, name=name)(x)
+            return jnn.DyT(alpha_init=self.dyt_alpha, name=name)(x)
         if self.norm == "none":
             return x
         raise ValueError(

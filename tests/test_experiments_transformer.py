@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxnorm.linen as jnn
 from experiments import __main__ as cli
 from experiments import dyt as dyt_exp
 from experiments import qk_norm as qk_exp
 from experiments.common import read_json
-from experiments.models_language import CharTransformer, DyT
+from experiments.models_language import CharTransformer
 
 VOCAB = 13
 
@@ -221,7 +222,7 @@ def test_sow_is_inert_unless_requested():
 
 def test_dyt_layer_is_the_formula():
     x = np.asarray(jax.random.normal(jax.random.key(0), (2, 5, 6)), np.float32) * 3
-    layer = DyT(0.7)
+    layer = jnn.DyT(alpha_init=0.7)  # the model's DyT
     v = layer.init(jax.random.key(1), x)
     assert float(v["params"]["alpha"]) == pytest.approx(0.7)
     scale = np.linspace(0.5, 2.0, 6).astype(np.float32)
