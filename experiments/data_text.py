@@ -618,3 +618,13 @@ def load_verse_splits(
         "vocab_size": vocab.size,
     }
     return out, vocab, info
+
+
+def random_windows(
+    ids: np.ndarray, rngs: Sequence[np.random.Generator], k: int, batch: int, context: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``k`` steps of random training windows per lane: ``(k, lanes, batch, context)`` inputs
+    and next-character targets; lane ``i`` draws from ``rngs[i]``."""
+    starts = np.stack([r.integers(0, len(ids) - context - 1, size=(k, batch)) for r in rngs], 1)
+    w = ids[starts[..., None] + np.arange(context + 1)]
+    return w[..., :-1], w[..., 1:]

@@ -25,7 +25,7 @@ import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from experiments.common import (
     write_csv_dicts,
     write_metrics,
 )
-from experiments.data_text import load_char_splits
+from experiments.data_text import load_char_splits, random_windows
 from experiments.lm_training import (
     LMEvaluator,
     divergence_step,
@@ -55,6 +55,7 @@ from experiments.lm_training import (
 from experiments.models_language import NORM_COLORS, NORM_LABELS, CharTransformer
 from experiments.plotting import pyplot, trailing_mean
 from experiments.reporting import arr, command, diff_note, pm, quick_note
+from experiments.timing import interleaved_medians, layer_fwd_bwd, loss_spikes
 from experiments.training import init_lanes, make_train_chunk, unit_adamw
 
 NAME = "dyt"
@@ -154,32 +155,6 @@ def variant_color(variant: str, variants: Sequence[str]) -> str:
     return _DYT_COLORS[dyts.index(variant) % len(_DYT_COLORS)]
 
 
-def loss_spikes(losses: Any, *, width: int, threshold: float) -> int:
-    """Number of loss spikes of a training curve.
-
-    A spike is a step ``t >= width`` whose loss exceeds the mean of the ``width`` losses before
-    it, ``mean(losses[t - width : t])``, by more than ``threshold``. Only the finite prefix of
-    the curve is searched (a divergence to NaN/Inf is reported by `divergence_step`).
-
-    Args:
-        losses: Per-step training losses, shape ``(steps,)``.
-        width: Steps in the trailing mean.
-        threshold: Rise above the trailing mean that counts as a spike (nats).
-
-    Returns:
-        The number of spike steps.
-    """
-    x = np.asarray(losses, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(x))
-    x = x[: bad[0]] if bad.size else x
-    if x.size <= width:
-        return 0
-    c = np.concatenate([[0.0], np.cumsum(x)])
-    t = np.arange(width, x.size)
-    prev = (c[t] - c[t - width]) / width
-    return int(np.sum(x[t] > prev + threshold))
-
-
 def _model(c: DyTConfig, variant: str, vocab_size: int) -> CharTransformer:
     norm, alpha = parse_variant(variant)
     return CharTransformer(
@@ -206,51 +181,6 @@ def _norm_layer(variant: str) -> Any:
     return None
 
 
-def _interleaved_medians(
-    fns: dict[str, Callable[[], Any]], *, repeats: int, inner: int
-) -> dict[str, dict[str, float]]:
-    """Seconds per call of each ``fn`` (already compiled): medians and quartiles.
-
-    Each repeat times ``inner`` calls of every function in turn, the order rotated from repeat
-    to repeat, so that slow phases of a shared machine hit every function alike.
-    """
-    names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        for n in names[r % len(names) :] + names[: r % len(names)]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                out = fns[n]()
-            jax.block_until_ready(out)
-            times[n].append((time.perf_counter() - t0) / inner)
-    return {
-        n: {
-            "median_s": float(np.median(t)),
-            "q25_s": float(np.percentile(t, 25)),
-            "q75_s": float(np.percentile(t, 75)),
-            "repeats": len(t),
-        }
-        for n, t in times.items()
-    }
-
-
-def _norm_fwd_bwd(layer: Any, x: jax.Array) -> tuple[Callable[..., Any], Any]:
-    """``(jit(fb), params)``: ``fb(params, x, g)`` = gradients of ``sum(layer(x) * g)``."""
-    if layer is None:
-
-        def loss(p: Any, x: jax.Array, g: jax.Array) -> jax.Array:
-            return jnp.sum(x * g)
-
-        params: Any = {}
-    else:
-        params = layer.init(jax.random.key(1), x)
-
-        def loss(p: Any, x: jax.Array, g: jax.Array) -> jax.Array:
-            return jnp.sum(layer.apply(p, x) * g)
-
-    return jax.jit(jax.grad(loss, argnums=(0, 1))), params
-
-
 def time_norms(c: DyTConfig) -> dict[str, Any]:
     """Jitted forward + backward (gradients for input and parameters) of each norm alone.
 
@@ -264,23 +194,13 @@ def time_norms(c: DyTConfig) -> dict[str, Any]:
         g = jax.random.normal(kg, shape, jnp.float32)
         fns = {}
         for variant in c.variants:
-            fb, params = _norm_fwd_bwd(_norm_layer(variant), x)
+            fb, params = layer_fwd_bwd(_norm_layer(variant), x)
             jax.block_until_ready(fb(params, x, g))  # compile
             fns[variant] = functools.partial(fb, params, x, g)
-        out["x".join(map(str, shape))] = _interleaved_medians(
+        out["x".join(map(str, shape))] = interleaved_medians(
             fns, repeats=c.speed_repeats, inner=c.speed_inner
         )
     return out
-
-
-def _windows(
-    ids: np.ndarray, rngs: Sequence[np.random.Generator], k: int, batch: int, context: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``k`` steps of random training windows per lane: ``(k, lanes, batch, context)`` inputs
-    and next-character targets; lane ``i`` draws from ``rngs[i]``."""
-    starts = np.stack([r.integers(0, len(ids) - context - 1, size=(k, batch)) for r in rngs], 1)
-    w = ids[starts[..., None] + np.arange(context + 1)]
-    return w[..., :-1], w[..., 1:]
 
 
 def train_interleaved(
@@ -333,7 +253,7 @@ def train_interleaved(
     done, n_chunk = 0, 0
     while done < c.steps:
         k = min(c.eval_every, c.steps - done)
-        xb, yb = _windows(data.train, rngs, k, c.batch_size, c.context)
+        xb, yb = random_windows(data.train, rngs, k, c.batch_size, c.context)
         xb, yb = jnp.asarray(xb), jnp.asarray(yb)
         for v in names[n_chunk % len(names) :] + names[: n_chunk % len(names)]:
             r = runs[v]
