@@ -95,7 +95,7 @@ class GhostBatchNormCall:
     """:func:`jaxnorm.variants.ghost_batch_norm`."""
 
     def _normalize(self, x, stats, scale, bias, **call: Any):
-        own = _settings(self, "virtual_batch_size", "unbiased_running_var")
+        own = _settings(self, "virtual_batch_size", "unbiased_running_var", "skip_nonfinite")
         return ghost_batch_norm(x, stats, scale, bias, **_settings(self, *_BN), **own, **call)
 
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from typing_extensions import Unpack
 
 from jaxnorm import _checks
 from jaxnorm._checks import Axes
+from jaxnorm._signatures import extends
 from jaxnorm.functional._core import _out_dtype, mask_safe
-from jaxnorm.functional.batch import batch_norm
+from jaxnorm.functional.batch import _BatchNormKeywords, batch_norm
 from jaxnorm.functional.per_sample import layer_norm
 from jaxnorm.state import BatchStats
-from jaxnorm.stats import AxisName, stat_dtype
+from jaxnorm.stats import stat_dtype
 
 
 def _per_example(fn: str, name: str, value: Any, x_shape: tuple[int, ...]) -> jax.Array | None:
@@ -208,6 +209,7 @@ def _class_params(
     return jnp.reshape(rows, bshape)
 
 
+@extends(batch_norm)
 def conditional_batch_norm(
     x: jax.Array,
     stats: BatchStats,
@@ -217,14 +219,8 @@ def conditional_batch_norm(
     *,
     training: bool,
     axis: Axes = -1,
-    momentum: float | None = 0.99,
-    epsilon: float = 1e-5,
-    axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    mask: jax.Array | None = None,
-    unbiased_running_var: bool = False,
-    skip_nonfinite: bool = False,
     dtype: Any = None,
+    **options: Unpack[_BatchNormKeywords],
 ) -> tuple[jax.Array, BatchStats]:
     """Class-conditional batch normalization: shared statistics, per-class ``gamma``/``beta``.
 
@@ -249,6 +245,7 @@ def conditional_batch_norm(
       bias_table: optional ``(num_classes, *feature_shape)`` biases (torch: zeros).
       training: required; as :func:`jaxnorm.batch_norm`.
       axis: the feature axis or axes (kept); must not include the batch axis 0.
+      dtype: output dtype; ``None`` keeps ``x.dtype``.
       momentum: weight of the old running value (torch's 0.1 is our 0.9).
       epsilon: added to the variance.
       axis_name: named device axis to merge statistics across.
@@ -257,7 +254,6 @@ def conditional_batch_norm(
         (masked-out elements pass no gradient to the statistics or tables).
       unbiased_running_var: torch's Bessel-corrected running variance.
       skip_nonfinite: keep running statistics of non-finite batches unchanged.
-      dtype: output dtype; ``None`` keeps ``x.dtype``.
 
     Returns:
       ``(y, new_stats)`` as :func:`jaxnorm.batch_norm`.
@@ -313,18 +309,6 @@ def conditional_batch_norm(
             )
     out_dtype = _out_dtype(fn, x, dtype)
     sd = stat_dtype(x.dtype)
-    y, new_stats = batch_norm(
-        x,
-        stats,
-        training=training,
-        axis=axis,
-        momentum=momentum,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        unbiased_running_var=unbiased_running_var,
-        skip_nonfinite=skip_nonfinite,
-        dtype=sd,
-    )
+    y, new_stats = batch_norm(x, stats, training=training, axis=axis, dtype=sd, **options)
+    mask = options["mask"]
     return mask_safe(_affine(sd, out_dtype, offset=0.0), y, mask, gamma, beta), new_stats

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from typing_extensions import TypedDict
 
 from jaxnorm import _checks, _sharding
 from jaxnorm._checks import Axes
@@ -20,6 +21,19 @@ from jaxnorm.functional._core import (
 )
 from jaxnorm.state import BatchStats, update_batch_stats
 from jaxnorm.stats import AxisName, Moments, moments
+
+
+class _BatchNormKeywords(TypedDict, total=False):
+    """:func:`batch_norm`'s keywords that its variants pass through unchanged (for
+    ``Unpack`` in a variant's ``**options``; a test keeps it equal to the signature)."""
+
+    momentum: float | None
+    epsilon: float
+    axis_name: AxisName | None
+    axis_index_groups: Sequence[Sequence[int]] | None
+    mask: jax.Array | None
+    unbiased_running_var: bool
+    skip_nonfinite: bool
 
 
 def batch_norm(

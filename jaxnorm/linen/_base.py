@@ -182,13 +182,20 @@ class _BatchNormBase(_Layer):
             ``mutable=['batch_stats']``), evaluating with no ``batch_stats``, or
             variables that do not fit ``x`` (the core's message, with this module's path).
         """
+        return self._apply(x, use_running_average, mask)
+
+    def _apply(
+        self, x: jax.Array, use_running_average: bool | None, mask: jax.Array | None, **call: Any
+    ) -> jax.Array:
+        """The call: mode, statistics and Params (of ``_param_shape``), the functional
+        call (given ``call``, e.g. a variant's per-call ``labels``), the store."""
         feature_shape = self._axes_shape(x, "axis")
         fresh = self._fresh_stats(feature_shape)
         training, initializing = self._mode(use_running_average, fresh._fields[0])
         names = tuple(f for f in fresh._fields if f != "count" or self._tracks_count())
         variables, stats = self._batch_stats(fresh, names)
         stats = stats_for_input(stats, x)
-        scale, bias = self._params(feature_shape)
+        scale, bias = self._params(self._param_shape(feature_shape))
         if initializing:  # as flax: init stores nothing and ignores axis_name
             training = training and self._init_trains(x, feature_shape)
         devices = self.axis_name, self.axis_index_groups
@@ -204,12 +211,18 @@ class _BatchNormBase(_Layer):
                 axis_name=axis_name,
                 axis_index_groups=axis_index_groups,
                 dtype=self.dtype,
+                **call,
             )
         if training and not initializing:
             for variable, value in zip(variables, new, strict=True):
                 if variable is not None:
                     variable.value = value
         return y
+
+    @nn.nowrap
+    def _param_shape(self, feature_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``scale``/``bias``: the feature shape (a variant may add axes)."""
+        return feature_shape
 
     @nn.nowrap
     def _mode(self, use_running_average: bool | None, stat: str) -> tuple[bool, bool]:

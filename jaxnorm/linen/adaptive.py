@@ -154,30 +154,9 @@ class ConditionalBatchNorm(ConditionalBatchNormCall, BatchNorm, _NumClasses):
         Raises:
           ValueError: as :class:`BatchNorm`, and bad ``labels`` (the core's message).
         """
-        feature_shape = self._axes_shape(x, "axis")
-        fresh = self._fresh_stats(feature_shape)
-        training, initializing = self._mode(use_running_average, fresh._fields[0])
-        names = tuple(f for f in fresh._fields if f != "count" or self._tracks_count())
-        variables, stats = self._batch_stats(fresh, names)
-        scale, bias = self._params((self.num_classes, *feature_shape))
-        if initializing:
-            training = training and self._init_trains(x, feature_shape)
-        devices = (None, None) if initializing else (self.axis_name, self.axis_index_groups)
-        with self._errors():
-            y, new = self._normalize(
-                x,
-                stats,
-                scale,
-                bias,
-                labels=labels,
-                training=training,
-                mask=mask,
-                axis_name=devices[0],
-                axis_index_groups=devices[1],
-                dtype=self.dtype,
-            )
-        if training and not initializing:
-            for variable, value in zip(variables, new, strict=True):
-                if variable is not None:
-                    variable.value = value
-        return y
+        return self._apply(x, use_running_average, mask, labels=labels)
+
+    @nn.nowrap
+    def _param_shape(self, feature_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """One row of ``scale``/``bias`` per class."""
+        return (self.num_classes, *feature_shape)

@@ -237,6 +237,8 @@ class GhostBatchNorm(GhostBatchNormCall, _BatchNormBase, _VirtualBatchSize):
       axis_index_groups: device groups for that merge.
       unbiased_running_var: store the Bessel-corrected variance (torch's convention).
       track_count: keep ``batch_stats/count`` even with a numeric ``momentum``.
+      skip_nonfinite: leave the running statistics of a feature whose batch statistics
+        are NaN/Inf unchanged (NaN/Inf still propagate to the output).
 
     Example:
       >>> import jax, jaxnorm.variants_linen as vnn
@@ -250,6 +252,7 @@ class GhostBatchNorm(GhostBatchNormCall, _BatchNormBase, _VirtualBatchSize):
 
     unbiased_running_var: bool = False
     track_count: bool = False
+    skip_nonfinite: bool = False
 
     @nn.nowrap
     def _tracks_count(self) -> bool:

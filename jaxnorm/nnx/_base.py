@@ -290,6 +290,13 @@ class _BatchNormBase(_StatsLayer):
           ValueError: the mode is not set (call ``model.train()``/``model.eval()``),
             or the variables do not fit ``x`` (the core's message).
         """
+        return self._apply(x, use_running_average, mask)
+
+    def _apply(
+        self, x: jax.Array, use_running_average: bool | None, mask: jax.Array | None, **call: Any
+    ) -> jax.Array:
+        """The call: mode, fitted statistics and inputs, the functional call (given
+        ``call``, e.g. a variant's per-call ``labels``), the store in training mode."""
         training = self._training(use_running_average)
         feature_shape = _feature_shape(self, "axis", self.axis, x)
         stats = stats_for_input(self._stats(feature_shape), x)
@@ -305,6 +312,7 @@ class _BatchNormBase(_StatsLayer):
                 axis_name=self.axis_name,
                 axis_index_groups=self.axis_index_groups,
                 dtype=dtype,
+                **call,
             )
         if training:
             self._store(new)

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx.nn import dtypes
-from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from flax.typing import Dtype, Initializer
+from typing_extensions import Unpack
 
-from jaxnorm._checks import Axes
-from jaxnorm._layer_calls import ConditionalBatchNormCall, stats_for_input
+from jaxnorm._layer_calls import ConditionalBatchNormCall
+from jaxnorm._signatures import extends
 from jaxnorm.functional.adaptive import Modulation, split_modulation
 from jaxnorm.nnx._base import (
-    _NO_METADATA,
-    _arguments,
     _BatchNormBase,
-    _errors_at,
-    _feature_shape,
 )
+from jaxnorm.nnx.batch_norm import BatchNorm, BatchNormOptions
 from jaxnorm.state import init_batch_stats
 
 
@@ -130,48 +127,23 @@ class ConditionalBatchNorm(ConditionalBatchNormCall, _BatchNormBase):
       ((10, 3), (3,))
     """
 
-    def __init__(
-        self,
-        num_features: int,
-        num_classes: int,
-        *,
-        use_running_average: bool | None = None,
-        axis: Axes = -1,
-        momentum: float | None = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = nnx.initializers.zeros,
-        scale_init: Initializer = nnx.initializers.ones,
-        axis_name: Any = None,
-        axis_index_groups: Any = None,
-        use_fast_variance: bool = True,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-        unbiased_running_var: bool = False,
-        track_count: bool = False,
-        skip_nonfinite: bool = False,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
-    ):
-        arguments = _arguments(locals())
+    @extends(BatchNorm.__init__)
+    def __init__(self, num_features: int, num_classes: int, **options: Unpack[BatchNormOptions]):
         # The base makes (num_features,) Params; the tables are made here instead.
         super().__init__(
             init_batch_stats((num_features,)),
-            with_count=momentum is None or track_count,
-            **{**arguments, "use_scale": False, "use_bias": False},
+            with_count=options["momentum"] is None or options["track_count"],
+            num_features=num_features,
+            num_classes=num_classes,
+            **{**options, "use_scale": False, "use_bias": False},
         )
         shape = (num_classes, num_features)
-        for name, use, init, metadata in (
-            ("scale", use_scale, scale_init, scale_metadata),
-            ("bias", use_bias, bias_init, bias_metadata),
-        ):
-            table = nnx.Param(init(rngs.params(), shape, param_dtype), **metadata)
-            setattr(self, name, table if use else nnx.data(None))
-        self.use_scale = use_scale
-        self.use_bias = use_bias
+        for name in ("scale", "bias"):
+            use, init = options[f"use_{name}"], options[f"{name}_init"]
+            param = nnx.Param(init(options["rngs"].params(), shape, options["param_dtype"]),
+                              **options[f"{name}_metadata"])  # fmt: skip
+            setattr(self, name, param if use else nnx.data(None))
+            setattr(self, f"use_{name}", use)
 
     def __call__(  # type: ignore[override]
         self,
@@ -195,25 +167,13 @@ class ConditionalBatchNorm(ConditionalBatchNormCall, _BatchNormBase):
         Raises:
           ValueError: the mode is not set, or the core's refusals (bad ``labels``, ...).
         """
-        training = self._training(use_running_average)
-        feature_shape = _feature_shape(self, "axis", self.axis, x)
-        stats = stats_for_input(self._stats(feature_shape), x)
-        x, scale, bias, dtype = self._inputs(x, feature_shape, *self._stat_arrays())
-        tables = (
+        return self._apply(x, use_running_average, mask, labels=labels)
+
+    def _inputs(self, x: jax.Array, feature_shape: tuple[int, ...], *variables: jax.Array):
+        """As the base, with the ``(num_classes, num_features)`` tables fitted to
+        ``(num_classes, *feature_shape)``."""
+        x, scale, bias, dtype = super()._inputs(x, feature_shape, *variables)
+        scale, bias = (
             None if t is None else jnp.reshape(t, (-1, *feature_shape)) for t in (scale, bias)
         )
-        with _errors_at(self):
-            y, new = self._normalize(
-                x,
-                stats,
-                *tables,
-                labels=labels,
-                training=training,
-                mask=mask,
-                axis_name=self.axis_name,
-                axis_index_groups=self.axis_index_groups,
-                dtype=dtype,
-            )
-        if training:
-            self._store(new)
-        return y
+        return x, scale, bias, dtype

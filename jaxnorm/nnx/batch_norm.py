@@ -9,11 +9,39 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from typing_extensions import TypedDict
 
 from jaxnorm._checks import Axes
 from jaxnorm._layer_calls import BatchNormCall
 from jaxnorm.nnx._base import _NO_METADATA, _arguments, _BatchNormBase
 from jaxnorm.state import init_batch_stats
+
+
+class BatchNormOptions(TypedDict, total=False):
+    """:class:`BatchNorm`'s keyword options, for ``Unpack`` in the constructors of its
+    variants (:class:`~jaxnorm.nnx.GhostBatchNorm`, :class:`~jaxnorm.nnx.ConditionalBatchNorm`);
+    their defaults are :class:`BatchNorm`'s. A test keeps it equal to the signature."""
+
+    use_running_average: bool | None
+    axis: Axes
+    momentum: float | None
+    epsilon: float
+    dtype: Dtype | None
+    param_dtype: Dtype
+    use_bias: bool
+    use_scale: bool
+    bias_init: Initializer
+    scale_init: Initializer
+    axis_name: Any
+    axis_index_groups: Any
+    use_fast_variance: bool
+    promote_dtype: PromoteDtypeFn
+    unbiased_running_var: bool
+    track_count: bool
+    skip_nonfinite: bool
+    rngs: nnx.Rngs
+    bias_metadata: Mapping[str, Any]
+    scale_metadata: Mapping[str, Any]
 
 
 class BatchNorm(BatchNormCall, _BatchNormBase):

@@ -1,7 +1,8 @@
 """Pre-norm residual blocks' fused add + norm for ``jaxnorm.nnx``.
 
-``y, residual = norm(x, residual)``: each layer is its explicit constructor, its call
-from :mod:`jaxnorm._layer_calls` (:func:`jaxnorm.add_rms_norm` or
+``y, residual = norm(x, residual)``: each layer is its constructor (the unfused layer's
+options less ``_NOT_FUSED``, plus ``residual_dtype``), its call from
+:mod:`jaxnorm._layer_calls` (:func:`jaxnorm.add_rms_norm` or
 :func:`jaxnorm.add_layer_norm`) and :class:`_AddNorm` (Params, settings, the error
 context). They take no ``promote_dtype``: the op reads ``x``, the residual and the
 parameters in their own dtypes and computes in float32, and promoting a bf16 ``x`` to
@@ -14,14 +15,45 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, Initializer
+from typing_extensions import TypedDict, Unpack
 
 from jaxnorm._checks import Axes
 from jaxnorm._layer_calls import AddLayerNormCall, AddRMSNormCall, scale_init_for
+from jaxnorm._signatures import extends
 from jaxnorm.functional.per_sample import CastOrder
-from jaxnorm.nnx._base import _NO_METADATA, _arguments, _errors_at, _feature_shape, _fit, _Layer
+from jaxnorm.nnx._base import _errors_at, _feature_shape, _fit, _Layer
+from jaxnorm.nnx.per_sample import LayerNorm, RMSNorm
+
+# RMSNorm's and LayerNorm's options that the fused layers do not take: the op reads its
+# inputs in their own dtypes (no promote_dtype) and reduces on one device.
+_NOT_FUSED = ("axis_name", "axis_index_groups", "use_fast_variance", "promote_dtype")
+
+
+class _AddNormOptions(TypedDict, total=False):
+    """The fused layers' keyword options (for ``Unpack``); defaults: the unfused layer's."""
+
+    epsilon: float
+    dtype: Dtype | None
+    param_dtype: Dtype
+    use_scale: bool
+    scale_init: Initializer
+    reduction_axes: Axes
+    feature_axes: Axes
+    scale_offset: float
+    rngs: nnx.Rngs
+    scale_metadata: Mapping[str, Any]
+
+
+class _AddRMSNormOptions(_AddNormOptions, total=False):
+    cast_order: CastOrder
+
+
+class _AddLayerNormOptions(_AddNormOptions, total=False):
+    use_bias: bool
+    bias_init: Initializer
+    bias_metadata: Mapping[str, Any]
 
 
 class _AddNorm(_Layer):
@@ -91,25 +123,16 @@ class AddRMSNorm(AddRMSNormCall, _AddNorm):
       ([[3.0, 4.0]], [0.8485, 1.1314])
     """
 
+    @extends(RMSNorm.__init__, omit=_NOT_FUSED)
     def __init__(
         self,
         num_features: int,
         *,
-        epsilon: float = 1e-6,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_scale: bool = True,
-        scale_init: Initializer = nnx.initializers.ones,
-        reduction_axes: Axes = -1,
-        feature_axes: Axes = -1,
         residual_dtype: Any = None,
-        scale_offset: float = 0.0,
-        cast_order: CastOrder = "scale_then_cast",
-        rngs: nnx.Rngs,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        **options: Unpack[_AddRMSNormOptions],
     ):
-        scale_init = scale_init_for(scale_init, scale_offset)
-        super().__init__(**_arguments(locals()))
+        options["scale_init"] = scale_init_for(options["scale_init"], options["scale_offset"])
+        super().__init__(num_features=num_features, residual_dtype=residual_dtype, **options)
 
 
 class AddLayerNorm(AddLayerNormCall, _AddNorm):
@@ -140,24 +163,13 @@ class AddLayerNorm(AddLayerNormCall, _AddNorm):
       scale_metadata: extra metadata for the ``scale`` Param.
     """
 
+    @extends(LayerNorm.__init__, omit=_NOT_FUSED)
     def __init__(
         self,
         num_features: int,
         *,
-        epsilon: float = 1e-6,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = nnx.initializers.zeros,
-        scale_init: Initializer = nnx.initializers.ones,
-        reduction_axes: Axes = -1,
-        feature_axes: Axes = -1,
         residual_dtype: Any = None,
-        scale_offset: float = 0.0,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        **options: Unpack[_AddLayerNormOptions],
     ):
-        scale_init = scale_init_for(scale_init, scale_offset)
-        super().__init__(**_arguments(locals()))
+        options["scale_init"] = scale_init_for(options["scale_init"], options["scale_offset"])
+        super().__init__(num_features=num_features, residual_dtype=residual_dtype, **options)

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.typing import Dtype, Initializer, PromoteDtypeFn
+from typing_extensions import Unpack
 
 from jaxnorm._checks import Axes
 from jaxnorm._layer_calls import (
@@ -39,6 +40,7 @@ from jaxnorm._layer_calls import (
     PowerNormCall,
     stats_for_input,
 )
+from jaxnorm._signatures import extends
 from jaxnorm.nnx._base import (
     _NO_METADATA,
     _arguments,
@@ -47,6 +49,7 @@ from jaxnorm.nnx._base import (
     _feature_shape,
     _StatsLayer,
 )
+from jaxnorm.nnx.batch_norm import BatchNorm, BatchNormOptions
 from jaxnorm.state import init_batch_stats
 from jaxnorm.variants import PowerNormStats, init_power_norm_stats
 
@@ -267,42 +270,31 @@ class GhostBatchNorm(GhostBatchNormCall, _BatchNormBase):
       scale_init: initializer for ``scale``.
       axis_name: named axis across which the running-statistics update is merged.
       axis_index_groups: device groups for that merge.
+      use_fast_variance: accepted for compatibility (as :class:`BatchNorm`) and ignored.
       promote_dtype: as flax, applied to ``(x, mean, var, scale, bias)`` and ``dtype`` first.
       unbiased_running_var: store the Bessel-corrected variance (torch's).
       track_count: keep the ``count`` BatchStat even with a numeric ``momentum``.
+      skip_nonfinite: leave the running statistics of a feature whose batch statistics
+        are NaN/Inf unchanged.
       rngs: random generators for the parameter initializers.
       bias_metadata: extra metadata for the ``bias`` Param.
       scale_metadata: extra metadata for the ``scale`` Param.
     """
 
+    @extends(BatchNorm.__init__)
     def __init__(
         self,
         num_features: int,
         virtual_batch_size: int,
-        *,
-        use_running_average: bool | None = None,
-        axis: Axes = -1,
-        momentum: float | None = 0.99,
-        epsilon: float = 1e-5,
-        dtype: Dtype | None = None,
-        param_dtype: Dtype = jnp.float32,
-        use_bias: bool = True,
-        use_scale: bool = True,
-        bias_init: Initializer = nnx.initializers.zeros,
-        scale_init: Initializer = nnx.initializers.ones,
-        axis_name: Any = None,
-        axis_index_groups: Any = None,
-        promote_dtype: PromoteDtypeFn = dtypes.promote_dtype,
-        unbiased_running_var: bool = False,
-        track_count: bool = False,
-        rngs: nnx.Rngs,
-        bias_metadata: Mapping[str, Any] = _NO_METADATA,
-        scale_metadata: Mapping[str, Any] = _NO_METADATA,
+        **options: Unpack[BatchNormOptions],
     ):
+        with_count = options["momentum"] is None or options["track_count"]
         super().__init__(
             init_batch_stats((num_features,)),
-            with_count=momentum is None or track_count,
-            **_arguments(locals()),
+            with_count=with_count,
+            num_features=num_features,
+            virtual_batch_size=virtual_batch_size,
+            **options,
         )
 
 

@@ -39,6 +39,7 @@ def ghost_batch_norm(
     axis_index_groups: Sequence[Sequence[int]] | None = None,
     mask: jax.Array | None = None,
     unbiased_running_var: bool = False,
+    skip_nonfinite: bool = False,
     dtype: Any = None,
 ) -> tuple[jax.Array, BatchStats]:
     """Ghost (virtual) batch norm: each sub-batch of axis 0 normalized by its own statistics.
@@ -90,6 +91,8 @@ def ghost_batch_norm(
         enter the statistics (they are still normalized).
       unbiased_running_var: store the Bessel-corrected variance of the merged batch
         (torch's convention).
+      skip_nonfinite: keep the running statistics of a feature whose merged batch
+        statistics are NaN/Inf unchanged (as :func:`jaxnorm.batch_norm`).
       dtype: output dtype; ``None`` keeps ``x.dtype``.
 
     Returns:
@@ -187,6 +190,10 @@ def ghost_batch_norm(
     )
     flat = Moments(*(jnp.reshape(f, lay.feature_shape) for f in merged))
     new_stats = update_batch_stats(
-        stats, flat, momentum=momentum, unbiased_running_var=unbiased_running_var
+        stats,
+        flat,
+        momentum=momentum,
+        unbiased_running_var=unbiased_running_var,
+        skip_nonfinite=skip_nonfinite,
     )
     return y, new_stats
