@@ -168,7 +168,25 @@ def _skip_data_members(app, what, name, obj, skip, options):
     return None
 
 
+def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
+    """An NNX layer's signature from its ``__init__``: flax's ``nnx.Module`` metaclass
+    defines ``__call__(*args, **kwargs)``, which autodoc would otherwise show for every
+    class. ``inspect.signature`` honours the ``__signature__`` of ``@extends`` variants."""
+    if what != "class" or not inspect.isclass(obj):
+        return None
+    if type(obj).__call__ is type.__call__ or signature not in ("(*args, **kwargs)", None):
+        return None
+    from sphinx.util.inspect import stringify_signature
+
+    init = inspect.signature(obj.__init__)
+    params = list(init.parameters.values())[1:]  # without self
+    shown = init.replace(parameters=params, return_annotation=inspect.Signature.empty)
+    annotated = app.config.autodoc_typehints not in ("description", "none")
+    return stringify_signature(shown, show_annotation=annotated), return_annotation
+
+
 def setup(app):
+    app.connect("autodoc-process-signature", _constructor_signature)
     app.connect("autodoc-process-docstring", _process_docstring)
     app.connect("autodoc-skip-member", _skip_data_members)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
