@@ -100,7 +100,7 @@ class DyTConfig:
 
     @classmethod
     def quick(cls) -> DyTConfig:
-        """Seconds-long smoke preset (the tests use it); its numbers mean nothing."""
+        """Smoke preset (the tests use it; tens of seconds on 2 cores); its numbers mean nothing."""
         return cls(
             variants=("layernorm", "dyt:0.5"),
             seeds=2,

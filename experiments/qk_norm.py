@@ -89,7 +89,7 @@ class QKNormConfig:
 
     @classmethod
     def quick(cls) -> QKNormConfig:
-        """Seconds-long smoke preset (the tests use it); its numbers mean nothing."""
+        """Smoke preset (the tests use it; tens of seconds on 2 cores); its numbers mean nothing."""
         return cls(
             lrs=(1e-3, 3e-2, 3e-1),
             seeds=2,
