@@ -3,8 +3,10 @@
 XLA reads ``XLA_FLAGS`` once, when jax first initializes its backends, so it is set
 here, before any test module imports jax.
 
-``pytest -m "not slow"`` is the development loop: it leaves out the modules below, which
-train models, start several processes or run property searches (CI runs everything).
+``pytest -m "not slow"`` is the development loop (under 2 minutes on 2 cores with
+``-n 2``): it leaves out the modules below, which train models, start several processes or
+run property searches, and every test listed in ``slow_tests.txt``, those measured over a
+time budget (``tests/update_slow_list.py`` rewrites it from a timed run). CI runs everything.
 """
 
 import os
@@ -30,7 +32,15 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+_SLOW_LIST = Path(__file__).with_name("slow_tests.txt")
+SLOW_TESTS = {
+    line.strip()
+    for line in _SLOW_LIST.read_text().splitlines()
+    if line.strip() and not line.startswith("#")
+}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if Path(str(item.fspath)).name in SLOW_MODULES:
+        if Path(str(item.fspath)).name in SLOW_MODULES or item.nodeid in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
