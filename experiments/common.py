@@ -114,12 +114,14 @@ def _git(*args: str) -> str | None:
 def provenance() -> dict[str, Any]:
     """Where a run's numbers came from: the code's git commit, package versions, the machine.
 
-    ``git_dirty`` is True when tracked files differed from that commit (the numbers may then
-    come from uncommitted code); git fields are None outside a git checkout. A package that is
-    not installed has version None.
+    ``git_dirty`` is True when tracked code differed from that commit (the numbers may then
+    come from uncommitted code); the committed results under ``results/`` do not count, since
+    a run of several experiments rewrites them as it goes. git fields are None outside a git
+    checkout. A package that is not installed has version None.
     """
     commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    code = ("--", ".", ":(exclude)results")
+    status = _git("status", "--porcelain", "--untracked-files=no", *code) if commit else None
     packages = {}
     for name in PROVENANCE_PACKAGES:
         try:
