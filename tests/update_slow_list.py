@@ -6,7 +6,10 @@ that took longer than ``--seconds`` (setup, call and teardown) in a measured run
 whole suite. Regenerate the list after adding slow tests::
 
     python -m pytest -n 2 --junitxml=/tmp/all.xml
-    python tests/update_slow_list.py /tmp/all.xml --seconds 1.0
+    python tests/update_slow_list.py /tmp/all.xml --seconds 1.5
+
+With several files (say a full run and a run of the loop), a test over the budget in any
+of them is listed.
 
 A test missing from the list runs in the loop, so a new test is never silently skipped.
 """
@@ -34,13 +37,14 @@ def node_id(classname: str, name: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("junit", help="a pytest --junitxml file of a full run")
+    parser.add_argument("junit", nargs="+", help="pytest --junitxml files of timed runs")
     parser.add_argument("--seconds", type=float, default=1.0, help="budget per test")
     args = parser.parse_args()
     slow = []
-    for case in ET.parse(args.junit).iter("testcase"):
-        if float(case.get("time", 0.0)) > args.seconds:
-            slow.append(node_id(case.get("classname", ""), case.get("name", "")))
+    for junit in args.junit:
+        for case in ET.parse(junit).iter("testcase"):
+            if float(case.get("time", 0.0)) > args.seconds:
+                slow.append(node_id(case.get("classname", ""), case.get("name", "")))
     header = (
         f"# Tests over {args.seconds:g} s in a measured run (tests/update_slow_list.py);\n"
         f"# `pytest -m 'not slow'` leaves them out. One pytest node id per line.\n"
