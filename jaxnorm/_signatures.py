@@ -17,6 +17,7 @@ a test compares it with the base's signature.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
 from collections.abc import Callable, Collection
@@ -64,11 +65,22 @@ def extends(base: Callable[..., Any], *, omit: Collection[str] = ()) -> Callable
             try:
                 bound = signature.bind(*args, **kwargs)
             except TypeError as e:
-                raise TypeError(f"{fn.__qualname__}(): {e}") from None
+                raise TypeError(f"{fn.__qualname__}(): {e}{_hint(kwargs)}") from None
             bound.apply_defaults()
             return fn(*bound.args, **bound.kwargs)
 
         variant.__signature__ = signature  # type: ignore[attr-defined]  # before __wrapped__
+
+        def _hint(kwargs: dict[str, Any]) -> str:
+            """``" (did you mean 'momentum'?)"`` for a keyword close to an accepted one."""
+            accepted = list(signature.parameters)
+            for name in kwargs:
+                if name not in signature.parameters:
+                    close = difflib.get_close_matches(name, accepted, n=1)
+                    if close:
+                        return f" (did you mean {close[0]!r}?)"
+            return ""
+
         return variant  # type: ignore[return-value]
 
     return decorate

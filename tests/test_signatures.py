@@ -81,7 +81,8 @@ def test_the_typeddict_that_ides_read_names_exactly_the_forwarded_keywords(
 
 def test_a_misspelt_or_missing_keyword_raises_as_python_would():
     with pytest.raises(
-        TypeError, match=r"GhostBatchNorm.__init__\(\): .*unexpected keyword.*momentom"
+        TypeError,
+        match=r"GhostBatchNorm.__init__\(\): .*'momentom' \(did you mean 'momentum'",
     ):
         jnnx.GhostBatchNorm(3, 2, momentom=0.9, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="missing a required argument: 'rngs'"):
