@@ -5,7 +5,7 @@
     (cd /tmp && /tmp/wheelvenv/bin/python /path/to/repo/.ci/wheel_smoke.py)
 
 Checks that the package imports from site-packages (not from a checkout), that every
-public module is in the wheel, that ``jaxnorm.__version__`` is the installed
+module of the checkout's ``jaxnorm/`` is in the wheel, that ``jaxnorm.__version__`` is the installed
 distribution's version, that the license and ``py.typed`` ship, and that a batch norm
 and a layer norm give float64 NumPy's numbers.
 """
@@ -19,26 +19,26 @@ import numpy as np
 
 import jaxnorm
 
-MODULES = (
-    "jaxnorm.functional",
-    "jaxnorm.stats",
-    "jaxnorm.state",
-    "jaxnorm.variants",
-    "jaxnorm.linen",
-    "jaxnorm.nnx",
-    "jaxnorm.tools",
-    "jaxnorm.checkpoint",
-    "jaxnorm.interop.torch",
-    "jaxnorm.variants_linen",
-    "jaxnorm.variants_nnx",
-)
+SOURCE = Path(__file__).resolve().parent.parent / "jaxnorm"
+
+
+def source_modules() -> list[str]:
+    """Every module of the checkout's ``jaxnorm/`` tree: each must ship in the wheel."""
+    names = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
 
 
 def main() -> None:
     where = Path(jaxnorm.__file__).resolve()
     if "site-packages" not in where.parts:
         sys.exit(f"wheel smoke: jaxnorm imported from {where}, not from an installed wheel")
-    for name in MODULES:
+    modules = source_modules()
+    if len(modules) < 20:
+        sys.exit(f"wheel smoke: found only {len(modules)} modules under {SOURCE}")
+    for name in modules:
         importlib.import_module(name)
     installed = metadata.version("jaxnorm")
     if jaxnorm.__version__ != installed:
